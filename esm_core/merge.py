@@ -1,0 +1,407 @@
+"""Merged adapters: lambda -> merged LoRA factors (Eq. 1), the merge-method registry, atomic output.
+
+Eq. 1, element by element and for the A and the B factors separately:
+
+    theta_{l,j} = sum_k lambda^k_{l,j} * theta^k_{l,j}
+
+Adapters with different ``lora_alpha`` are allowed: each adapter's scaling is folded into its B
+before merging and the merged adapter is written with scaling 1 (the manifest says so).
+
+Merge methods live one per file in ``esm_core/methods/`` and register themselves here with their
+pretty name, paper reference and parameters (which fill the app's select boxes):
+
+    method = get_method("es")
+    out = method.run(MergeContext.from_specialists(sset, es_result=res), {})
+    write_merged(out_dir, out, sset, manifest=...)
+
+Output directory (PEFT format plus extras), written to a temporary directory and renamed into place:
+``adapter_config.json``, ``adapter_model.safetensors``, ``coefficients.safetensors`` (when the
+method has coefficients), ``encoders.json`` + ``encoders/<modality>/`` and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import ESMError
+from .specialists import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterWeights, LoraKey
+
+
+# ------------------------------------------------------------------------------------ registry
+@dataclass(frozen=True)
+class Param:
+    """A merge-method parameter, described well enough to build a widget and a CLI flag."""
+
+    name: str
+    default: Any
+    help: str
+    kind: str = "float"  # float | int | bool | choice | str
+    choices: tuple = ()
+    min: float | None = None
+    max: float | None = None
+
+
+@dataclass
+class MergeContext:
+    """What a merge method may use. ``tensors`` hold each specialist's factors (scaling folded if needed)."""
+
+    names: list[str]
+    tensors: dict[str, dict[LoraKey, torch.Tensor]]
+    sset: Any = None  # SpecialistSet, for methods that run the model (AdaMerging, fine-tuning)
+    workspace: Any = None  # pipeline.Workspace (probe samples and encoders)
+    es_result: Any = None  # pipeline.ESResult, for ES-Merging
+    data: Any = None  # task data, for methods that learn from examples
+    seed: int = 0
+    progress: Callable[[str, float], None] | None = None
+    folded: bool = False
+    scalings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> list[LoraKey]:
+        return sorted(self.tensors[self.names[0]])
+
+    def stacked(self, key: LoraKey) -> torch.Tensor:
+        """[K, *shape] float32 stack of one factor across specialists."""
+        return torch.stack([self.tensors[n][key].float() for n in self.names])
+
+    @classmethod
+    def from_specialists(cls, sset, **kw) -> "MergeContext":
+        tensors, folded, scalings = prepare_tensors([sset.adapters[n] for n in sset.names])
+        return cls(names=list(sset.names), tensors=tensors, sset=sset, folded=folded, scalings=scalings, **kw)
+
+
+@dataclass
+class MergeOutput:
+    tensors: dict[LoraKey, torch.Tensor]  # merged factors
+    coefficients: dict[LoraKey, torch.Tensor] | None = None  # [K, *shape] per-element weights, if any
+    info: dict = field(default_factory=dict)
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # saved into coefficients.safetensors
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    pretty: str
+    paper: str
+    url: str
+    params: tuple[Param, ...]
+    fn: Callable[[MergeContext, dict], MergeOutput]
+    needs: frozenset = frozenset()  # "es" (ES coefficients), "model", "data"
+    summary: str = ""
+
+    def resolve_params(self, given: dict | None) -> dict:
+        given = dict(given or {})
+        names = {p.name for p in self.params}
+        bad = sorted(set(given) - names)
+        if bad:
+            raise ESMError(f"Merge method {self.name!r} has no parameter(s) {bad}.",
+                           fix=f"its parameters are {sorted(names) or 'none'}.")
+        out = {}
+        for p in self.params:
+            v = given.get(p.name, p.default)
+            try:
+                if p.kind == "float":
+                    v = float(v)
+                elif p.kind == "int":
+                    v = int(v)
+                elif p.kind == "bool":
+                    v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
+            except (TypeError, ValueError):
+                raise ESMError(f"Parameter {p.name}={v!r} of {self.name!r} is not a {p.kind}.") from None
+            if p.kind == "choice" and v not in p.choices:
+                raise ESMError(f"Parameter {p.name}={v!r} of {self.name!r} is not allowed.",
+                               fix=f"choose one of {list(p.choices)}.")
+            if p.min is not None and v < p.min or p.max is not None and v > p.max:
+                raise ESMError(f"Parameter {p.name}={v!r} of {self.name!r} is out of range [{p.min}, {p.max}].")
+            out[p.name] = v
+        return out
+
+    def run(self, ctx: MergeContext, params: dict | None = None) -> MergeOutput:
+        resolved = self.resolve_params(params)
+        if "es" in self.needs and ctx.es_result is None:
+            raise ESMError(f"Merge method {self.name!r} needs ES coefficients.",
+                           fix="run the coefficient estimation first.")
+        if "model" in self.needs and ctx.sset is None:
+            raise ESMError(f"Merge method {self.name!r} needs the loaded models.")
+        out = self.fn(ctx, resolved)
+        out.info.setdefault("method", self.name)
+        out.info.setdefault("params", resolved)
+        for k, t in out.tensors.items():
+            if not torch.isfinite(t).all():
+                raise ESMError(f"Merge method {self.name!r} produced NaN/Inf at {k}.",
+                               fix="check its parameters (e.g. a zero density or temperature).")
+        return out
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    REGISTRY[method.name] = method
+    return method
+
+
+def _load_methods() -> None:
+    from . import methods  # noqa: F401  (registers on import)
+
+
+def get_method(name: str) -> MergeMethod:
+    _load_methods()
+    if name not in REGISTRY:
+        raise ESMError(f"Unknown merge method {name!r}.", fix=f"use one of {sorted(REGISTRY)}.")
+    return REGISTRY[name]
+
+
+def list_methods() -> list[MergeMethod]:
+    _load_methods()
+    return [REGISTRY[k] for k in sorted(REGISTRY, key=lambda n: (n != "es", n))]
+
+
+# ------------------------------------------------------------------------------------ tensors
+def prepare_tensors(adapters: list[AdapterWeights]) -> tuple[dict[str, dict[LoraKey, torch.Tensor]], bool, dict]:
+    """Per-specialist factors in float32; scalings folded into B when they differ across adapters."""
+    keys = sorted(adapters[0].tensors)
+    modules = sorted({(k.layer, k.module) for k in keys})
+    sc = {a.name: {m: a.scaling_for(*m) for m in modules} for a in adapters}
+    ref = sc[adapters[0].name]
+    folded = any(abs(sc[a.name][m] - ref[m]) > 1e-12 * max(1.0, abs(ref[m])) for a in adapters for m in modules)
+    out = {}
+    for a in adapters:
+        t = {}
+        for k in keys:
+            v = a.tensors[k].float()
+            if folded and k.ab == "B":
+                v = v * sc[a.name][(k.layer, k.module)]
+            t[k] = v
+        out[a.name] = t
+    scalings = {a.name: sc[a.name][modules[0]] for a in adapters}
+    return out, folded, scalings
+
+
+def weighted_sum(ctx: MergeContext, lam: dict[LoraKey, torch.Tensor]) -> dict[LoraKey, torch.Tensor]:
+    """Eq. 1: merged[key] = sum_k lam[key][k] * theta_k[key] (lam broadcastable to [K, *shape])."""
+    out = {}
+    for k in ctx.keys:
+        w = lam[k].float()
+        st = ctx.stacked(k)
+        while w.ndim < st.ndim:
+            w = w.unsqueeze(-1)
+        out[k] = (w * st).sum(0)
+    return out
+
+
+def merged_config(template: AdapterWeights, base_path: str | None, folded: bool) -> dict:
+    cfg = dict(template.config)
+    cfg["inference_mode"] = True
+    if base_path:
+        cfg["base_model_name_or_path"] = base_path
+    if folded:
+        # scalings live in B now: make PEFT's scaling 1 for every module
+        cfg["lora_alpha"] = template.rank
+        cfg["use_rslora"] = False
+        cfg["alpha_pattern"] = dict(cfg.get("rank_pattern") or {})
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ files
+def file_hash(path: str | Path, full_limit: int = 256 * 2**20) -> str:
+    """sha256 of a file; for files over full_limit, of its size, first and last 4 MiB ('partial:')."""
+    p = Path(path)
+    size = p.stat().st_size
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        if size <= full_limit:
+            for chunk in iter(lambda: f.read(2**20), b""):
+                h.update(chunk)
+            return h.hexdigest()
+        h.update(str(size).encode())
+        h.update(f.read(4 * 2**20))
+        f.seek(size - 4 * 2**20)
+        h.update(f.read())
+    return "partial:" + h.hexdigest()
+
+
+def dir_hashes(directory: str | Path, patterns=("*.json", "*.safetensors", "*.model", "*.txt")) -> dict[str, str]:
+    d = Path(directory)
+    if not d.is_dir():
+        return {}
+    out = {}
+    for pat in patterns:
+        for f in sorted(d.glob(pat)):
+            out[f.name] = file_hash(f)
+    return out
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "safetensors", "pot", "numpy", "rdkit", "umap-learn", "streamlit"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    from . import __version__
+
+    out["esm_core"] = __version__
+    return out
+
+
+def check_output_dir(out_dir: str | Path, *, overwrite: bool, protected: list[str | Path] = ()) -> Path:
+    """Refuse early: an existing output without --overwrite, or an output that is one of the inputs."""
+    out = Path(out_dir).resolve()
+    for p in protected:
+        if p and Path(p).resolve() == out:
+            raise ESMError(f"Output directory {str(out)!r} is one of the input models/adapters; it is never "
+                           "overwritten.", fix="choose another --out directory.")
+        if p and Path(p).resolve() in out.parents:
+            raise ESMError(f"Output directory {str(out)!r} lies inside input {str(p)!r}.",
+                           fix="choose an --out directory outside the inputs.")
+    if out.exists() and not overwrite:
+        raise ESMError(f"Output directory {str(out)!r} already exists.",
+                       fix="choose a new --out directory or pass --overwrite.")
+    if out.exists() and not out.is_dir():
+        raise ESMError(f"Output path {str(out)!r} exists and is not a directory.")
+    return out
+
+
+def atomic_write_dir(out_dir: str | Path, write: Callable[[Path], None], *, overwrite: bool = False,
+                     protected: list[str | Path] = ()) -> Path:
+    """Run write(tmp_dir), then move tmp_dir to out_dir in one rename; nothing half-written is left."""
+    out = check_output_dir(out_dir, overwrite=overwrite, protected=protected)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_adapter_files(directory: Path, tensors: dict[LoraKey, torch.Tensor], template: AdapterWeights,
+                       config: dict, dtype: torch.dtype | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors with the template's key names (stock PEFT format)."""
+    from safetensors.torch import save_file
+
+    dtype = dtype or next(iter(template.tensors.values())).dtype
+    sd = {template.file_keys[k]: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}
+    save_file(sd, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def write_merged(out_dir: str | Path, out: MergeOutput, sset, *, spec=None, es_result=None, ctx: MergeContext | None = None,
+                 overwrite: bool = False, manifest_extra: dict | None = None) -> Path:
+    """Write a merged adapter directory atomically (adapter, coefficients, encoders, manifest)."""
+    t0 = time.perf_counter()
+    template = sset.adapters[sset.names[0]]
+    folded = bool(ctx.folded) if ctx is not None else False
+    cfg = merged_config(template, sset.base_path, folded)
+    protected = [sset.base_path, *[a.path for a in sset.adapters.values()]]
+
+    def write(tmp: Path):
+        save_adapter_files(tmp, out.tensors, template, cfg)
+        coef = {}
+        if es_result is not None:
+            from .pipeline import result_metadata, result_tensors
+
+            coef.update(result_tensors(es_result))
+            meta = result_metadata(es_result)
+        else:
+            meta = {"format": "esm_core.merge_coefficients/1", "specialists": json.dumps(sset.names)}
+        if out.coefficients is not None and es_result is None:
+            coef.update({f"lambda/{k}": v.float().contiguous() for k, v in out.coefficients.items()})
+        coef.update({k: v.detach().float().contiguous().cpu() for k, v in out.extra_tensors.items()})
+        if coef:
+            from safetensors.torch import save_file
+
+            save_file(coef, str(tmp / "coefficients.safetensors"), metadata=meta)
+        enc = _copy_encoders(tmp, spec)
+        manifest = build_manifest(sset, spec=spec, es_result=es_result, out=out, folded=folded,
+                                  scalings=ctx.scalings if ctx else {}, encoders=enc)
+        manifest["timings"].update({"write_s": time.perf_counter() - t0})
+        if manifest_extra:
+            manifest.update(manifest_extra)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+
+    return atomic_write_dir(out_dir, write, overwrite=overwrite, protected=protected)
+
+
+def _copy_encoders(tmp: Path, spec) -> dict:
+    """One encoder per modality travels with the merged model (METHOD.md section 0)."""
+    if spec is None:
+        return {}
+    table = {}
+    for m in spec.modalities:
+        e = m.encoder
+        entry = {"type": e.type, "options": e.options, "prefix": m.prefix, "kind": m.kind}
+        if e.path:
+            dst = tmp / "encoders" / m.name
+            shutil.copytree(e.path, dst)
+            entry["path"] = f"encoders/{m.name}"
+        table[m.name] = entry
+    (tmp / "encoders.json").write_text(json.dumps(table, indent=2))
+    return table
+
+
+def build_manifest(sset, *, spec=None, es_result=None, out: MergeOutput | None = None, folded: bool = False,
+                   scalings: dict | None = None, encoders: dict | None = None) -> dict:
+    from .config import run_spec_to_dict
+
+    inputs = {"base": {"path": sset.base_path, "files": dir_hashes(sset.base_path)}}
+    for n in sset.names:
+        a = sset.adapters[n]
+        inputs[f"adapter:{n}"] = {"path": a.path, "files": dir_hashes(a.path)}
+    if spec is not None:
+        for m in spec.modalities:
+            if m.data is not None and m.data.path and Path(m.data.path).is_file():
+                inputs[f"probe_data:{m.name}"] = {"path": m.data.path, "sha256": file_hash(m.data.path)}
+    man = {
+        "tool": "esm_core",
+        "created_unix": int(time.time()),
+        "specialists": [dict(name=n, modality=sset.modality_of(n), path=sset.adapters[n].path) for n in sset.names],
+        "inputs": inputs,
+        "packages": package_versions(),
+        "device": str(sset.device),
+        "dtype": str(sset.dtype).replace("torch.", ""),
+        "scaling": {
+            "folded_into_B": folded,
+            "per_adapter": scalings or {},
+            "note": ("lora_alpha differs across specialists: each scaling was folded into its B factor and the "
+                     "merged adapter has scaling 1" if folded else "all specialists share one scaling; kept"),
+        },
+        "timings": dict(es_result.timings) if es_result is not None else {},
+        "encoders": encoders or {},
+    }
+    if spec is not None:
+        man["run"] = run_spec_to_dict(spec)
+    if es_result is not None:
+        man["preset"] = es_result.config.preset
+        man["method_config"] = es_result.config.resolved()
+        man["probes"] = es_result.probe_summary
+    if out is not None:
+        man["merge"] = {k: v for k, v in out.info.items()}
+    return man

@@ -1,0 +1,282 @@
+"""ES-Merging end to end: run spec -> workspace -> signals -> coefficients (and back from disk).
+
+    ws = Workspace.from_spec(load_run_spec("run.yaml"))
+    res = estimate(ws, progress=print_progress)          # every intermediate, see ESResult
+    res2 = recompute(res, res.config.replace(tau_elem=0.3), ws)   # cheap: no new forward pass
+    save_result(res, "coefficients.safetensors")
+
+Only what depends on a changed setting is recomputed: temperatures, scope, mode and the layer score
+reuse the cached signals; SWD settings reuse the hidden states; probe or element-signal settings
+need a new pass over the probes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .coefficients import (ElementSignals, LayerSignals, combine, element_coefficients, layer_coefficients,
+                           modality_weights, stack_scores, swd_matrix)
+from .config import MethodConfig, RunSpec
+from .encoders import build_encoder
+from .errors import ESMError
+from .probe import HiddenStates, ProbeBatcher, ProbeSet, ProgressFn, build_probes
+from .samples import read_table
+from .signals import compute_signals
+from .specialists import LoraKey, SpecialistSet
+
+# Which settings invalidate what (everything else is cheap to recompute from cached signals).
+PASS_FIELDS = frozenset({"layout", "probes_per_modality", "min_probes", "max_modality_tokens", "max_probe_tokens",
+                         "element_signal", "element_modalities", "element_group", "seed", "device", "dtype",
+                         "token_layers", "batch_size"})
+SWD_FIELDS = frozenset({"n_projections", "swd_p", "standardize"})
+
+
+@dataclass
+class ESResult:
+    """Every intermediate of one ES-Merging estimation; plain tensors, ready to plot or save."""
+
+    config: MethodConfig
+    specialists: list[str]
+    own_modalities: list[str | None]
+    modalities: list[str]
+    layer: LayerSignals
+    element: ElementSignals | None
+    lam: dict[LoraKey, torch.Tensor]  # [K, *shape] merge coefficients for the config's mode
+    projected_emd: torch.Tensor | None = None  # [K, M, L+1, n_proj]
+    states: HiddenStates | None = None
+    probe_summary: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, dict[LoraKey, torch.Tensor]] | None = None  # raw g per specialist (same data as element.g)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.layer.alpha.shape[1])
+
+    @property
+    def keys(self) -> list[LoraKey]:
+        return sorted(self.lam)
+
+
+# ------------------------------------------------------------------------------------ workspace
+class Workspace:
+    """A loaded run: one base with K adapters, one encoder per modality, the probe set."""
+
+    def __init__(self, spec: RunSpec, sset: SpecialistSet, encoders: dict, probes: ProbeSet | None = None):
+        self.spec = spec
+        self.sset = sset
+        self.encoders = encoders
+        self.probes = probes
+        self._batcher: ProbeBatcher | None = None
+
+    @classmethod
+    def from_spec(cls, spec: RunSpec, samples: dict[str, list] | None = None, sset: SpecialistSet | None = None,
+                  progress: ProgressFn | None = None) -> "Workspace":
+        spec.validate()
+        if progress:
+            progress("loading base and adapters", 0.0)
+        if sset is None:
+            sset = SpecialistSet.load(spec.base, [(s.name, s.adapter) for s in spec.specialists],
+                                      modalities=[s.modality for s in spec.specialists],
+                                      device=spec.method.device, dtype=spec.method.dtype,
+                                      trust_remote_code=spec.trust_remote_code)
+        encoders = {m.name: build_encoder(m.encoder, sset, spec.method.max_modality_tokens) for m in spec.modalities}
+        ws = cls(spec, sset, encoders)
+        ws.set_samples(samples if samples is not None else read_probe_samples(spec))
+        return ws
+
+    def set_samples(self, samples: dict[str, list], cfg: MethodConfig | None = None) -> None:
+        cfg = cfg or self.spec.method
+        for enc in self.encoders.values():
+            if hasattr(enc, "max_tokens"):
+                enc.max_tokens = cfg.max_modality_tokens
+        self.raw_samples = samples
+        self.probes = build_probes(samples, self.spec.modalities, cfg)
+        self._batcher = None
+        self._batcher_cfg = cfg
+
+    def batcher(self, cfg: MethodConfig | None = None) -> ProbeBatcher:
+        cfg = cfg or self.spec.method
+        if self._batcher is None or self._needs_new_probes(cfg):
+            if self._needs_new_probes(cfg):
+                self.set_samples(self.raw_samples, cfg)
+            self._batcher = ProbeBatcher(self.sset, self.encoders, self.probes, cfg)
+            self._batcher_cfg = cfg
+        return self._batcher
+
+    def _needs_new_probes(self, cfg: MethodConfig) -> bool:
+        old = self._batcher_cfg
+        return any(getattr(old, f) != getattr(cfg, f) for f in
+                   ("layout", "probes_per_modality", "min_probes", "max_modality_tokens", "max_probe_tokens", "seed"))
+
+
+def read_probe_samples(spec: RunSpec) -> dict[str, list]:
+    out = {}
+    for m in spec.modalities:
+        if m.data is None or not m.data.path:
+            raise ESMError(f"Modality {m.name!r} has no probe data.",
+                           fix="set 'data: {path: ..., column: ...}' for it, or pass samples directly.")
+        df = read_table(m.data.path, required=[m.data.column])
+        out[m.name] = df[m.data.column].tolist()
+    return out
+
+
+# ------------------------------------------------------------------------------------ estimate
+def estimate(ws: Workspace, cfg: MethodConfig | None = None, *, progress: ProgressFn | None = None) -> ESResult:
+    """Full ES-Merging coefficient estimation on a workspace."""
+    cfg = cfg or ws.spec.method
+    t0 = time.perf_counter()
+    batcher = ws.batcher(cfg)
+    need_element = cfg.mode != "layer"
+    sig = compute_signals(ws.sset, batcher, cfg, need_element=need_element, progress=progress)
+    shapes = {k: tuple(v.shape) for k, v in ws.sset.adapters[ws.sset.names[0]].tensors.items()}
+    res = _from_signals(ws.sset.names, ws.sset.modalities, batcher.probes.modalities, sig.states, sig.scores, cfg,
+                        shapes, timings=dict(sig.timings))
+    res.probe_summary = dict(batcher.probes.summary(), n_probes=batcher.probes.n_probes,
+                             truncated=dict(batcher.truncated), layout=batcher.probes.layout,
+                             max_probe_length=max(batcher.lengths) if batcher.lengths else 0)
+    res.timings["estimate_total_s"] = time.perf_counter() - t0
+    if progress:
+        progress("done", 1.0)
+    return res
+
+
+def _from_signals(names, own, modalities, states, scores, cfg, shapes, timings=None, D=None, emd=None) -> ESResult:
+    t = time.perf_counter()
+    if D is None:
+        D, lg = swd_matrix(states, len(names), cfg, log=True)
+        emd = lg["projected_emd"]
+    t_swd = time.perf_counter() - t
+    w = modality_weights(modalities, own, cfg.other_modality_weight)
+    layer = layer_coefficients(D, cfg, w)
+    element = None
+    if scores is not None:
+        element = element_coefficients(stack_scores(scores, names), cfg)
+    if cfg.mode == "layer":
+        lam = combine(layer.alpha, None, "layer", keys=sorted(shapes), shapes=shapes)
+    else:
+        lam = combine(layer.alpha, element.beta, cfg.mode)
+    timings = dict(timings or {})
+    timings["swd_s"] = t_swd
+    return ESResult(cfg, list(names), list(own), list(modalities), layer, element, lam, emd, states,
+                    timings=timings, scores=scores)
+
+
+def changed_fields(a: MethodConfig, b: MethodConfig) -> set[str]:
+    return {f.name for f in fields(MethodConfig) if f.name not in ("preset", "overridden")
+            and getattr(a, f.name) != getattr(b, f.name)}
+
+
+def recompute(res: ESResult, cfg: MethodConfig, ws: Workspace | None = None, *,
+              progress: ProgressFn | None = None) -> ESResult:
+    """New coefficients for a changed config, reusing whatever the change does not touch."""
+    ch = changed_fields(res.config, cfg)
+    keep_swd = not (ch & SWD_FIELDS)
+    needs_pass = (bool(ch & PASS_FIELDS) or (cfg.mode != "layer" and res.scores is None)
+                  or (not keep_swd and res.states is None))
+    if needs_pass:
+        if ws is None:
+            raise ESMError(f"Changing {sorted(ch & (PASS_FIELDS | SWD_FIELDS)) or ['mode']} needs a new pass over "
+                           "the probes.", fix="re-run the estimation with the models loaded.")
+        return estimate(ws, cfg, progress=progress)
+    shapes = {k: tuple(v.shape[1:]) for k, v in res.lam.items()}
+    out = _from_signals(res.specialists, res.own_modalities, res.modalities, res.states, res.scores, cfg, shapes,
+                        timings=res.timings, D=res.layer.D if keep_swd else None,
+                        emd=res.projected_emd if keep_swd else None)
+    out.probe_summary = res.probe_summary
+    return out
+
+
+# ------------------------------------------------------------------------------------ save / load
+def result_tensors(res: ESResult, *, include_states: bool = False) -> dict[str, torch.Tensor]:
+    t = {
+        "layer.D": res.layer.D, "layer.delta": res.layer.delta, "layer.z": res.layer.z,
+        "layer.s": res.layer.s, "layer.alpha": res.layer.alpha, "layer.weights": res.layer.weights,
+    }
+    if res.projected_emd is not None:
+        t["swd.projected_emd"] = res.projected_emd
+    if res.element is not None:
+        for k in res.element.g:
+            t[f"g/{k}"] = res.element.g[k]
+            t[f"gz/{k}"] = res.element.gz[k]
+            t[f"beta/{k}"] = res.element.beta[k]
+    for k, v in res.lam.items():
+        t[f"lambda/{k}"] = v
+    if include_states and res.states is not None:
+        for m, v in res.states.pooled.items():
+            t[f"states.pooled/{m}"] = v
+        for l, per in res.states.tokens.items():
+            for m, v in per.items():
+                t[f"states.tokens/{l}/{m}"] = v
+        for m, v in res.states.token_sample.items():
+            t[f"states.token_sample/{m}"] = v
+    return {k: v.detach().contiguous().cpu() for k, v in t.items()}
+
+
+def result_metadata(res: ESResult) -> dict[str, str]:
+    return {
+        "format": "esm_core.coefficients/1",
+        "specialists": json.dumps(res.specialists),
+        "own_modalities": json.dumps(res.own_modalities),
+        "modalities": json.dumps(res.modalities),
+        "config": json.dumps(res.config.resolved()),
+        "probe_summary": json.dumps(res.probe_summary),
+        "timings": json.dumps(res.timings),
+        "state_models": json.dumps(res.states.models if res.states is not None else []),
+    }
+
+
+def save_result(res: ESResult, path: str | Path, *, include_states: bool = False) -> None:
+    from safetensors.torch import save_file
+
+    save_file(result_tensors(res, include_states=include_states), str(path), metadata=result_metadata(res))
+
+
+def load_result(path: str | Path) -> ESResult:
+    """Read a coefficients.safetensors written by save_result (no pickle involved)."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise ESMError(f"Coefficient file {str(p)!r} does not exist.")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types on corrupt files
+        raise ESMError(f"{str(p)!r} is not a readable safetensors file ({e}).") from None
+    if meta.get("format") != "esm_core.coefficients/1":
+        raise ESMError(f"{str(p)!r} was not written by esm_core (no coefficient metadata).")
+    cfgd = json.loads(meta["config"])
+    preset = cfgd.pop("preset")
+    cfgd.pop("overridden", None)
+    cfg = MethodConfig.from_preset(preset, **cfgd)
+    layer = LayerSignals(t["layer.D"], t["layer.delta"], t["layer.z"], t["layer.s"], t["layer.alpha"],
+                         t["layer.weights"])
+
+    def group(prefix):
+        return {LoraKey.parse(k[len(prefix) + 1:]): v for k, v in t.items() if k.startswith(prefix + "/")}
+
+    g = group("g")
+    element = ElementSignals(g, group("gz"), group("beta")) if g else None
+    names = json.loads(meta["specialists"])
+    scores = {n: {k: v[i] for k, v in g.items()} for i, n in enumerate(names)} if g else None
+    states = None
+    mods = json.loads(meta["modalities"])
+    pooled = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("states.pooled/")}
+    if pooled:
+        tokens: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in t.items():
+            if k.startswith("states.tokens/"):
+                _, l, m = k.split("/", 2)
+                tokens.setdefault(int(l), {})[m] = v
+        ts = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("states.token_sample/")}
+        states = HiddenStates(json.loads(meta.get("state_models", "[]")), mods, pooled, tokens, ts,
+                              int(layer.alpha.shape[1]))
+    return ESResult(cfg, names, json.loads(meta["own_modalities"]), mods, layer, element, group("lambda"),
+                    t.get("swd.projected_emd"), states, json.loads(meta.get("probe_summary", "{}")),
+                    json.loads(meta.get("timings", "{}")), scores)
