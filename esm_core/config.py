@@ -226,6 +226,8 @@ class ModalitySpec:
     name: str = _f("", "Modality name (e.g. molecule, protein, cell).")
     prefix: str = _f("", "Text placed before the modality block in a probe, e.g. 'Molecule: '.")
     kind: str = _f("text", "Validator for raw inputs: smiles, protein, genes or text.")
+    max_tokens: int | None = _f(None, "Cap on this modality's block length (tokens); the smaller of this and "
+                                "the method's max_modality_tokens applies.")
     encoder: EncoderSpec = field(default_factory=EncoderSpec, metadata={"help": "How raw inputs become token embeddings."})
     data: DataSpec | None = field(default=None, metadata={"help": "Where probe samples come from."})
 
@@ -320,6 +322,7 @@ def run_spec_from_dict(d: dict, base_dir: Path | None = None, source: str | None
             data = DataSpec(path=path(data.get("path", "")), column=str(data.get("column", "")))
         mods.append(ModalitySpec(name=str(m.get("name", "")), prefix=str(m.get("prefix", "")),
                                  kind=str(m.get("kind", "text")),
+                                 max_tokens=int(m["max_tokens"]) if m.get("max_tokens") is not None else None,
                                  encoder=EncoderSpec(type=str(enc.get("type", "text")), path=path(enc.get("path")),
                                                      options=dict(enc.get("options") or {})),
                                  data=data))

@@ -75,16 +75,13 @@ def feature_types() -> list[str]:
     return sorted(_FEATURES)
 
 
-def build_encoder(spec, sset, max_tokens: int | None = None) -> ModalityEncoder:
+def build_encoder(spec, sset) -> ModalityEncoder:
     """Encoder for a config.EncoderSpec on the given SpecialistSet."""
     factory = _ENCODERS.get(spec.type)
     if factory is None:
         raise ESMError(f"Unknown encoder type {spec.type!r}.",
                        fix=f"use one of {encoder_types()} or register a plug-in with register_encoder.")
-    enc = factory(spec, sset)
-    if max_tokens is not None and hasattr(enc, "max_tokens"):
-        enc.max_tokens = max_tokens
-    return enc
+    return factory(spec, sset)
 
 
 # ------------------------------------------------------------------------------------ text

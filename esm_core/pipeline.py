@@ -84,16 +84,17 @@ class Workspace:
                                       modalities=[s.modality for s in spec.specialists],
                                       device=spec.method.device, dtype=spec.method.dtype,
                                       trust_remote_code=spec.trust_remote_code)
-        encoders = {m.name: build_encoder(m.encoder, sset, spec.method.max_modality_tokens) for m in spec.modalities}
+        encoders = {m.name: build_encoder(m.encoder, sset) for m in spec.modalities}
         ws = cls(spec, sset, encoders)
         ws.set_samples(samples if samples is not None else read_probe_samples(spec))
         return ws
 
     def set_samples(self, samples: dict[str, list], cfg: MethodConfig | None = None) -> None:
         cfg = cfg or self.spec.method
-        for enc in self.encoders.values():
+        for m in self.spec.modalities:
+            enc = self.encoders[m.name]
             if hasattr(enc, "max_tokens"):
-                enc.max_tokens = cfg.max_modality_tokens
+                enc.max_tokens = min(cfg.max_modality_tokens, m.max_tokens or cfg.max_modality_tokens)
         self.raw_samples = samples
         self.probes = build_probes(samples, self.spec.modalities, cfg)
         self._batcher = None
