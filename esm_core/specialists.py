@@ -213,13 +213,17 @@ def check_adapters_agree(adapters: list[AdapterWeights], *, same_rank: bool = Tr
     for ad in adapters[1:]:
         mods = set(ad.modules())
         if mods != ref_mods:
-            missing = sorted(ref_mods - mods)[:3]
-            extra = sorted(mods - ref_mods)[:3]
+            def summary(pairs):
+                by_mod: dict[str, list[int]] = {}
+                for l, m in sorted(pairs):
+                    by_mod.setdefault(m, []).append(l)
+                return ", ".join(f"{m} (blocks {','.join(map(str, ls[:6]))}{'...' if len(ls) > 6 else ''})"
+                                 for m, ls in by_mod.items())
             parts = []
-            if missing:
-                parts.append("lacks " + ", ".join(f"layers.{l}.{m}" for l, m in missing))
-            if extra:
-                parts.append("adds " + ", ".join(f"layers.{l}.{m}" for l, m in extra))
+            if ref_mods - mods:
+                parts.append("lacks " + summary(ref_mods - mods))
+            if mods - ref_mods:
+                parts.append("adds " + summary(mods - ref_mods))
             raise ESMError(f"Adapter {ad.name!r} targets different modules than {ref.name!r}: "
                            f"it {' and '.join(parts)}.",
                            fix="use specialists trained with the same target_modules.")
@@ -373,14 +377,14 @@ class SpecialistSet:
             raise ESMError(f"ES-Merging needs at least 2 specialists, got {len(items)}.",
                            fix="add another adapter.")
         weights = [read_adapter(path, name) for name, path in items]
-        check_adapters_agree(weights, same_rank=same_rank)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         tok = load_tokenizer(base, trust_remote_code)
         lm = load_base_model(base, device=dev, dtype=dt, trust_remote_code=trust_remote_code)
         n_layers = len(find_decoder_layers(lm))
-        for w in weights:
+        for w in weights:  # a wrong base is the most useful diagnosis, so it comes first
             check_adapter_fits_base(w, lm, n_layers)
+        check_adapters_agree(weights, same_rank=same_rank)
         first_name, first_path = items[0]
         model = PeftModel.from_pretrained(lm, first_path, adapter_name=first_name, is_trainable=False)
         for name, path in items[1:]:
