@@ -66,9 +66,15 @@ def _fields(ex: Example) -> list:
 
 
 def few_shot_prompt(system: str, question: str, labels: list[str], examples: list[Example], query: Example,
-                    answer: str | None = None) -> Prompt:
-    """System line, question with the allowed answers, k examples with their labels, the query."""
+                    answer: str | None = None, context: list[tuple[str, "str | Item"]] | None = None) -> Prompt:
+    """System line, question with the allowed answers, k examples with their labels, the query.
+
+    ``context``: fields shared by the examples and the query (e.g. the fixed CYP enzyme), placed once
+    after the question as ``name: value`` lines.
+    """
     segs: list = [f"System: {system}\n", f"Question: {question} Answer with one of: {', '.join(labels)}.\n"]
+    if context:
+        segs.extend(_fields(Example(list(context))))
     for i, ex in enumerate(examples, 1):
         segs.append(f"Example {i}:\n")
         segs.extend(_fields(ex))
