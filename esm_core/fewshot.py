@@ -82,7 +82,8 @@ def fingerprint(smiles: str, radius: int = MORGAN_RADIUS, n_bits: int = MORGAN_B
 
 def tanimoto(query: str, smiles: Sequence[str]) -> np.ndarray:
     """Tanimoto similarity of one SMILES to each of a list (Morgan, radius 2, 2048 bits)."""
-    return MoleculeIndex(smiles).similarity(query)
+    idx = MoleculeIndex(smiles)
+    return idx.similarity(query)[idx.ids(list(smiles))]
 
 
 class MoleculeIndex:
