@@ -85,18 +85,26 @@ class PerUnitAbsGrad:
 
     def _grad_hook(self, key: LoraKey, x: torch.Tensor):
         def hook(g: torch.Tensor):
-            # per-sample weight gradient of a Linear: [b, out, in] = sum_t g[b,t,:] (x) x[b,t,:]
-            g3 = g.reshape(g.shape[0], -1, g.shape[-1])
-            x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-            per = torch.bmm(g3.transpose(1, 2).to(self._dtype), x3.to(self._dtype))
-            unit = self._unit.to(per.device)
-            keep = unit >= 0
-            if not bool(keep.all()):
-                per, unit = per[keep], unit[keep]
-            if self._n_units == per.shape[0] and bool((unit == torch.arange(per.shape[0], device=unit.device)).all()):
-                agg = per  # one sample per unit
-            else:
-                agg = per.new_zeros((self._n_units, *per.shape[1:])).index_add_(0, unit, per)
-            self.scores[key] += agg.abs().sum(0)
+            self.scores[key] += self.unit_grads(g, x).abs().sum(0)
             return None
         return hook
+
+    def unit_grads(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[U, out, in] weight gradient of each unit, from output grads g [b,T,out] and inputs x [b,T,in].
+
+        Units of equal size that tile the batch in order are summed inside one bmm (no per-sample
+        tensor is formed); otherwise per-sample gradients are formed and added into their units.
+        """
+        dt = self._dtype
+        unit = self._unit.to(g.device)
+        b = g.shape[0]
+        U = self._n_units
+        if U and b % U == 0 and bool((unit == torch.arange(b, device=unit.device) // (b // U)).all()):
+            gs = g.reshape(U, -1, g.shape[-1]).to(dt)
+            xs = x.reshape(U, -1, x.shape[-1]).to(dt)
+            return torch.bmm(gs.transpose(1, 2), xs)
+        g3 = g.reshape(b, -1, g.shape[-1]).to(dt)
+        x3 = x.reshape(b, -1, x.shape[-1]).to(dt)
+        per = torch.bmm(g3.transpose(1, 2), x3)
+        keep = unit >= 0
+        return per.new_zeros((U, *per.shape[1:])).index_add_(0, unit[keep], per[keep])

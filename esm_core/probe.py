@@ -227,9 +227,10 @@ class ProbeBatcher:
             return self.embed(torch.tensor(ids, dtype=torch.long, device=self.embed.weight.device))
 
     def batches(self, batch_size: int) -> Iterator[list[int]]:
-        n = self.probes.n_probes
-        for s in range(0, n, batch_size):
-            yield list(range(s, min(n, s + batch_size)))
+        """Probe indices in batches of similar length (less padding); every probe once."""
+        order = sorted(range(self.probes.n_probes), key=lambda i: (self.lengths[i], i))
+        for s in range(0, len(order), batch_size):
+            yield order[s:s + batch_size]
 
 
 # ------------------------------------------------------------------------------------ capture

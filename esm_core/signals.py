@@ -74,10 +74,21 @@ def element_losses(outs, base_outs, batch, mods: list[str], cfg, unit: torch.Ten
 
 
 def units_for(batch_indices: list[int], group: int) -> tuple[torch.Tensor, int]:
-    """Unit of each sample in a batch: consecutive probes in groups of `group` (global order)."""
-    g = torch.tensor(batch_indices, dtype=torch.long) // group
-    g = g - g.min()
-    return g, int(g.max()) + 1
+    """Unit of each sample in a batch (units = consecutive probes in groups of `group`, global order),
+    numbered 0..U-1 in order of first appearance in the batch."""
+    local: dict[int, int] = {}
+    ids = [local.setdefault(i // group, len(local)) for i in batch_indices]
+    return torch.tensor(ids, dtype=torch.long), len(local)
+
+
+def unit_batches(lengths: list[int], group: int, batch_size: int) -> list[list[int]]:
+    """Batches of whole units, units sorted by length so that padding is small (order does not change
+    any sum over units)."""
+    n = len(lengths)
+    units = [list(range(s, min(n, s + group))) for s in range(0, n, group)]
+    order = sorted(range(len(units)), key=lambda u: (max(lengths[i] for i in units[u]), u))
+    per = max(1, batch_size // group)
+    return [[i for u in order[s:s + per] for i in units[u]] for s in range(0, len(order), per)]
 
 
 def compute_signals(sset, batcher: ProbeBatcher, cfg, *, need_element: bool = True,
@@ -88,7 +99,7 @@ def compute_signals(sset, batcher: ProbeBatcher, cfg, *, need_element: bool = Tr
     col = StateCollector(["base", *names], batcher.probes, sset.num_layers, sset.hidden_size, cfg.token_layers)
     group = max(1, int(cfg.element_group))
     bs = -(-int(cfg.batch_size) // group) * group  # a multiple of the unit size
-    chunks = list(batcher.batches(bs))
+    chunks = unit_batches(batcher.lengths, group, bs)
     steps = len(chunks) * (1 + len(names))
     done, t_fwd, t_bwd, units = 0, 0.0, 0.0, 0
     mods_of = {n: (element_modalities(sset, cfg, n) or batcher.probes.modalities) for n in names}

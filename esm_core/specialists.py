@@ -370,17 +370,26 @@ class SpecialistSet:
     def load(cls, base: str, adapters: dict[str, str] | list[tuple[str, str]], *,
              modalities: list[str | None] | None = None, device: str = "auto", dtype: str = "auto",
              trust_remote_code: bool = False, same_rank: bool = True) -> "SpecialistSet":
-        from peft import PeftModel
-
         items = list(adapters.items()) if isinstance(adapters, dict) else list(adapters)
         if len(items) < 2:
             raise ESMError(f"ES-Merging needs at least 2 specialists, got {len(items)}.",
                            fix="add another adapter.")
-        weights = [read_adapter(path, name) for name, path in items]
+        weights = [read_adapter(path, name) for name, path in items]  # cheap checks before the base loads
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         tok = load_tokenizer(base, trust_remote_code)
         lm = load_base_model(base, device=dev, dtype=dt, trust_remote_code=trust_remote_code)
+        return cls.from_model(lm, tok, items, modalities=modalities, base_path=base, same_rank=same_rank,
+                              weights=weights)
+
+    @classmethod
+    def from_model(cls, lm, tokenizer, adapters: list[tuple[str, str]], *, modalities=None, base_path: str = "",
+                   same_rank: bool = True, weights: list[AdapterWeights] | None = None) -> "SpecialistSet":
+        """Wrap an already-built base model (e.g. random weights made on a GPU for a benchmark)."""
+        from peft import PeftModel
+
+        items = list(adapters)
+        weights = weights or [read_adapter(path, name) for name, path in items]
         n_layers = len(find_decoder_layers(lm))
         for w in weights:  # a wrong base is the most useful diagnosis, so it comes first
             check_adapter_fits_base(w, lm, n_layers)
@@ -393,7 +402,8 @@ class SpecialistSet:
         for p in model.parameters():
             p.requires_grad_(False)
         mods = list(modalities) if modalities is not None else [None] * len(items)
-        return cls(model, tok, weights, mods, base, dev, dt)
+        p0 = next(lm.parameters())
+        return cls(model, tokenizer, weights, mods, base_path, p0.device, p0.dtype)
 
     # ---------------------------------------------------------------- switching
     @contextlib.contextmanager
