@@ -136,7 +136,7 @@ class Record:
     """One labelled row: raw field values (keys of FieldDef.key), the label text, provenance."""
 
     values: dict[str, str]
-    label: str
+    label: str | None  # None for a user's unlabelled query
     meta: dict = field(default_factory=dict)
 
 
@@ -248,7 +248,7 @@ class TaskData:
             clean[f.key] = val
         if label is not None and label not in self.labels:
             raise ESMError(f"Label {label!r} is not one of {self.labels}.")
-        return Record(clean, label if label is not None else "", {"source": "user"})
+        return Record(clean, label, {"source": "user"})
 
     def summary(self) -> dict:
         c = Counter(r.label for r in self.test)
@@ -358,7 +358,7 @@ def _dti_loader(stem: str, title: str, pool: tuple[str, ...]):
         d = data_dir / "public" / "dti"
         pools = [d / f"{stem}_{p}.csv" for p in pool]
         pool_path = next((p for p in pools if p.is_file()), pools[0])
-        test_path = _need(stem, d / f"{stem}_test.csv")
+        test_path = _need(TASK_NAMES[stem], d / f"{stem}_test.csv")
         td = molecule_protein_task(pool_path, test_path, name=TASK_NAMES[stem], title=title,
                                    protein_similarity=protein_similarity)
         if pool_path.name.endswith("_val.csv"):

@@ -1,0 +1,328 @@
+"""Evaluation harness: metrics against sklearn / hand computations, parsing of messy generations,
+batched answering equal to the one-at-a-time Answerer, prompt fitting, app functions, and the
+evaluate / compare CLI on the tiny random world (esm_core/evaluate.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import CELLS, MOLECULES, PROTEINS
+from esm_core.cli import main as cli
+from esm_core.errors import ESMError
+from esm_core.evaluate import (Answers, BatchedAnswerer, Report, Score, accuracy, answer_side_by_side,
+                               bootstrap_scores, build_query, evaluate_model, fit_prompt, macro_f1, reference_scores,
+                               retrieval_majority, task_prompts, training_prompts)
+from esm_core.prompts import Answerer
+from esm_core.tasks import Record, TaskData
+
+YN = ["Yes", "No"]
+
+
+# ------------------------------------------------------------------------------------ metrics
+def test_macro_f1_and_accuracy_by_hand():
+    t = ["Yes", "Yes", "No", "No"]
+    p = ["Yes", None, "No", "Yes"]
+    # Yes: tp 1 fp 1 fn 1 -> 0.5 ; No: tp 1 fp 0 fn 1 -> 2/3
+    assert macro_f1(t, p, YN) == pytest.approx((0.5 + 2 / 3) / 2)
+    assert accuracy(t, p) == 0.5
+    assert macro_f1(["Yes"] * 3, ["Yes"] * 3, YN) == pytest.approx(0.5)  # absent class scores 0 (sklearn)
+
+
+def test_macro_f1_equals_sklearn_with_unparsed():
+    from sklearn.metrics import f1_score
+
+    rng = random.Random(0)
+    for labels in (YN, ["Sensitive", "Resistant"], ["a", "b", "c"]):
+        for _ in range(20):
+            t = [rng.choice(labels) for _ in range(rng.randint(1, 40))]
+            p = [rng.choice(labels + [None]) for _ in t]
+            want = f1_score(t, ["<none>" if v is None else v for v in p], labels=labels, average="macro",
+                            zero_division=0)
+            assert macro_f1(t, p, labels) == pytest.approx(want)
+
+
+def test_bootstrap_against_an_independent_loop():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rng = random.Random(1)
+    t = [rng.choice(YN) for _ in range(60)]
+    p = [v if rng.random() < 0.7 else rng.choice(YN + [None]) for v in t]
+    s = bootstrap_scores(t, p, YN, n_boot=300, seed=7)
+    # same draws, computed one resample at a time with sklearn
+    g = np.random.default_rng(7)
+    idx = np.concatenate([g.integers(0, 60, size=(256, 60)), g.integers(0, 60, size=(44, 60))])
+    pp = np.array(["<none>" if v is None else v for v in p])
+    tt = np.array(t)
+    accs = [accuracy_score(tt[i], pp[i]) for i in idx]
+    f1s = [f1_score(tt[i], pp[i], labels=YN, average="macro", zero_division=0) for i in idx]
+    assert (s.acc_lo, s.acc_hi) == pytest.approx(tuple(np.percentile(accs, [2.5, 97.5])))
+    assert (s.f1_lo, s.f1_hi) == pytest.approx(tuple(np.percentile(f1s, [2.5, 97.5])))
+    assert s.acc_lo <= s.acc <= s.acc_hi and s.f1_lo <= s.f1 <= s.f1_hi
+    assert s.n == 60 and s.n_unparsed == sum(v is None for v in p)
+    assert bootstrap_scores(t, p, YN, n_boot=300, seed=7) == s
+    assert bootstrap_scores(t, p, YN, n_boot=300, seed=8) != s
+    perfect = bootstrap_scores(t, t, YN, n_boot=200)
+    assert (perfect.acc_lo, perfect.acc_hi) == (1.0, 1.0)
+
+
+def test_retrieval_majority_ties_fall_back():
+    assert retrieval_majority(["Yes", "No", "Yes"], "No") == "Yes"
+    assert retrieval_majority(["Yes", "No"], "No") == "No"
+    assert retrieval_majority([], "Yes") == "Yes"
+
+
+def test_parsing_messy_generations():
+    texts = [" Yes\n", " **No**.", " yes", "Final answer: No\n", " Yesterday", "", " I think Yes", " - No",
+             " [Yes]", "  no, because", " Final Answer - Yes", " Maybe"]
+    want = ["Yes", "No", "Yes", "No", None, None, None, "No", "Yes", "No", "Yes", None]
+    a = Answers([YN] * len(texts), torch.zeros(len(texts), 2), texts)
+    got = a.by_generation()
+    assert got == want
+    s = bootstrap_scores(["Yes"] * len(texts), got, YN, n_boot=0)
+    assert s.n_unparsed == 4 and s.acc == pytest.approx(4 / 12)
+
+
+# ------------------------------------------------------------------------------------ toy tasks
+def toy_tasks():
+    rnd = random.Random(0)
+    dti = [Record({"smiles": rnd.choice(MOLECULES), "protein": rnd.choice(PROTEINS[:6])}, rnd.choice(YN),
+                  {"i": i}) for i in range(50)]
+    cells = [c + " " + " ".join(f"G{j}" for j in range(i % 4)) for i, c in enumerate(CELLS)]
+    pair = [Record({"smiles": rnd.choice(MOLECULES), "smiles_2": rnd.choice(MOLECULES), "genes": rnd.choice(cells)},
+                   rnd.choice(["Synergistic", "Antagonistic"])) for _ in range(30)]
+    cyp = [Record({"smiles": rnd.choice(MOLECULES)}, rnd.choice(YN)) for _ in range(30)]
+    from esm_core.prompts import Item
+
+    return {
+        "dti": TaskData("toy_dti", "Toy DTI", "Molecule-protein interaction", "molecule_protein", dti[:36], dti[36:]),
+        "pair": TaskData("toy_pair", "Toy pairs", "Molecule-cell", "drug_pair", pair[:20], pair[20:]),
+        "cyp": TaskData("toy_cyp", "Toy CYP", "CYP inhibition", "cyp_inhibition", cyp[:20], cyp[20:],
+                        context=[("Enzyme (CYP2D6)", Item("protein", "MGLEAPRSAG"))]),
+    }
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return toy_tasks()
+
+
+@pytest.fixture(scope="module")
+def ba(workspace):
+    return BatchedAnswerer(workspace.sset, workspace.encoders, batch_size=4)
+
+
+def test_batched_equals_one_at_a_time(workspace, tasks):
+    qa = Answerer(workspace.sset, workspace.encoders)
+    prompts = []
+    for td in tasks.values():  # mixed tasks: different labels, lengths and shared prefixes
+        prompts += [td.prompt(r, k=3) for r in td.test[:3]]
+    for adapter in (None, "prot"):
+        ref_lp = torch.cat([qa.label_logprobs([p], adapter) for p in prompts])
+        ref_gen = [qa.generate([p], adapter, max_new_tokens=5)[0] for p in prompts]
+        for bs, pc in ((3, True), (16, False)):
+            fast = BatchedAnswerer(workspace.sset, workspace.encoders, batch_size=bs, prefix_cache=pc)
+            a = fast.run(prompts, adapter, max_new_tokens=5)
+            assert torch.allclose(a.logprobs, ref_lp, atol=2e-4), (bs, pc, adapter)
+            assert a.texts == ref_gen
+    # the same task's prompts share a prefix that is cached
+    same = [tasks["dti"].prompt(r, k=3) for r in tasks["dti"].test[:5]]
+    fast = BatchedAnswerer(workspace.sset, workspace.encoders)
+    assert fast._prefix_len(same) > 100
+    assert fast._prefix_len(prompts) >= 1
+
+
+def test_adapters_change_the_answers(ba, tasks):
+    prompts = [tasks["dti"].prompt(r, k=2) for r in tasks["dti"].test[:4]]
+    base = ba.run(prompts, None, generate=False).logprobs
+    spec = ba.run(prompts, "mol", generate=False).logprobs
+    assert not torch.allclose(base, spec)
+    assert torch.allclose(ba.run(prompts, None, generate=False).logprobs, base)  # adapter switch leaves no trace
+
+
+def test_fit_prompt_drops_least_similar_examples(workspace, tasks):
+    td = tasks["dti"]
+    rec = td.test[0]
+    fa = BatchedAnswerer(workspace.sset, workspace.encoders)
+    full = fit_prompt(td, rec, fa, k=5)
+    n_full = fa.prompt_length(full)
+    assert full.meta["dropped"] == 0 and n_full == fa.qa.segment_embeds(full.segments).shape[0]
+    fa.qa.max_length = n_full - 1
+    short = fit_prompt(td, rec, fa, k=5)
+    assert short.meta["dropped"] >= 1 and fa.prompt_length(short) <= n_full - 1
+    kept = [c.index for c in short.meta["chosen"]]
+    assert kept == [c.index for c in full.meta["chosen"]][:len(kept)]  # the most similar ones stay
+    fa.qa.max_length = 20
+    assert fit_prompt(td, rec, fa, k=5) is None
+    tp = task_prompts(td, fa, n=5, seed=0)
+    assert tp.n_too_long == 5 and tp.prompts == []
+    with pytest.raises(ESMError, match="longer than"):
+        fa.run([full], None)
+
+
+def test_task_prompts_sampling_and_training_prompts(ba, tasks):
+    td = tasks["dti"]
+    a = task_prompts(td, ba, n=6, seed=1)
+    assert a.rows == task_prompts(td, ba, n=6, seed=1).rows and len(a.rows) == 6
+    assert a.rows != task_prompts(td, ba, n=6, seed=2).rows
+    assert len(task_prompts(td, ba, n=None).rows) == len(td.test)
+    tr = training_prompts(td, n=8, seed=0, k=3)
+    assert len(tr) == 8 and all(p.answer in YN for p in tr) and all(p.meta["task"] == "toy_dti" for p in tr)
+    # a training row never serves as its own example
+    for p in tr:
+        q = p.meta["query"]["i"]
+        assert all(td.train[c.index].meta["i"] != q for c in p.meta["chosen"])
+
+
+def test_evaluate_model_and_references(ba, tasks):
+    td = tasks["cyp"]
+    tp = task_prompts(td, ba, n=None, k=3)
+    res = evaluate_model(ba, tp, "cell", n_boot=50)
+    gold = tp.gold
+    for mode in ("generation", "likelihood"):
+        s = res.scores[mode]
+        preds = [r[f"pred_{mode}"] for r in res.predictions]
+        assert s.n == len(gold) and s.acc == pytest.approx(accuracy(gold, preds))
+        assert s.f1 == pytest.approx(macro_f1(gold, preds, td.labels))
+    assert res.scores["generation"].n_unparsed == sum(r["pred_generation"] is None for r in res.predictions)
+    assert all(abs(sum(r["probs"].values()) - 1) < 1e-5 for r in res.predictions)
+    refs = reference_scores(tp, n_boot=20)
+    maj = td.majority_label()
+    assert refs["majority class"].acc == pytest.approx(np.mean([g == maj for g in gold]))
+    knn = [retrieval_majority(p.meta["example_labels"], maj) for p in tp.prompts]
+    assert refs["majority of the 3 examples"].acc == pytest.approx(accuracy(gold, knn))
+
+
+def test_build_query_and_side_by_side(ba, tasks, workspace):
+    td = tasks["dti"]
+    q = build_query(td, {"smiles": "CCO", "protein": PROTEINS[0]}, k=4)
+    assert len(q.examples) == 4 and q.prompt.answer is None
+    for row, c in zip(q.examples, q.prompt.meta["chosen"]):
+        assert row["pool_row"] == c.index and row["similarity"] == round(c.score, 4)
+        assert row["Molecule"] == td.train[c.index].values["smiles"] and row["label"] == td.train[c.index].label
+    assert list(q.table().columns)[:4] == ["rank", "label", "similarity", "reason"]
+    with pytest.raises(ESMError):
+        build_query(td, 999)
+    sset = workspace.sset
+    avg = {k: sum(sset.adapters[n].tensors[k].float() for n in sset.names) / 3 for k in sset.lora_keys}
+    sset.add_adapter("avg_test", avg, dict(sset.adapters["mol"].config))
+    try:
+        rows = answer_side_by_side(ba, [q.prompt, build_query(td, 0).prompt])
+    finally:
+        sset.remove_adapter("avg_test")
+    assert [r["model"] for r in rows if r["prompt"] == 0] == ["base", "mol", "prot", "cell", "avg_test"]
+    for r in rows:
+        assert r["p(Yes)"] + r["p(No)"] == pytest.approx(1.0, abs=1e-5)
+        assert r["answer_likelihood"] == ("Yes" if r["p(Yes)"] > r["p(No)"] else "No")
+    assert "gold" in rows[1] and rows[1]["prompt"] == 1
+
+
+def test_report_markdown_has_n_in_every_cell(tasks):
+    rep = Report()
+    s = Score(0.5, 0.4, 0.6, 0.45, 0.3, 0.55, 10, 2)
+    for name, kind in (("base", "base"), ("Average", "merge")):
+        for t in tasks.values():
+            rep.add(name, kind, t, "generation", s)
+            rep.add(name, kind, t, "likelihood", s)
+    rep.add("reference: majority class", "reference", tasks["dti"], "reference", s)
+    md = rep.markdown()
+    body = [l for l in md.splitlines() if l.startswith("| base") or l.startswith("| Average")]
+    assert body and all(l.count("n=10") == 2 * (l.count("|") - 4) // 2 for l in body)
+    assert "2 unparsed" in md.split("### Answer by likelihood")[0]
+    assert "unparsed" not in md.split("### Answer by likelihood")[1]
+    assert md.count("reference: majority class") == 6  # 3 groups x 2 modes
+
+
+# ------------------------------------------------------------------------------------ CLI
+PROT_A, PROT_B = PROTEINS[0], PROTEINS[3]
+
+
+@pytest.fixture(scope="module")
+def cli_env(world, tmp_path_factory):
+    d = tmp_path_factory.mktemp("evalcli")
+    (d / "mol.csv").write_text("smiles\n" + "\n".join(MOLECULES) + "\n")
+    (d / "prot.tsv").write_text("id\tseq\n" + "\n".join(f"p{i}\t{s}" for i, s in enumerate(PROTEINS)) + "\n")
+    (d / "cell.csv").write_text("genes\n" + "\n".join(CELLS) + "\n")
+    cfg = {
+        "base": str(world["base"]),
+        "specialists": [{"name": n, "adapter": str(world["adapters"][n]), "modality": m}
+                        for n, m in [("mol", "molecule"), ("prot", "protein"), ("cell", "cell")]],
+        "modalities": [
+            {"name": "molecule", "prefix": "Molecule: ", "kind": "smiles", "data": {"path": "mol.csv", "column": "smiles"}},
+            {"name": "protein", "prefix": "Protein: ", "kind": "protein", "data": {"path": "prot.tsv", "column": "seq"}},
+            {"name": "cell", "prefix": "Cell: ", "kind": "genes", "data": {"path": "cell.csv", "column": "genes"}},
+        ],
+        "method": {"preset": "reference", "probes_per_modality": 12, "batch_size": 4, "n_projections": 64},
+    }
+    (d / "run.yaml").write_text(yaml.safe_dump(cfg))
+    rnd = random.Random(3)
+    data = d / "data" / "public" / "dti"
+    data.mkdir(parents=True)
+    for split, n in (("train", 30), ("test", 12)):
+        rows = [f"{rnd.choice(MOLECULES)},{rnd.choice([PROT_A, PROT_B, PROTEINS[5]])},{rnd.choice(['0', '1.0'])}"
+                for _ in range(n)]
+        (data / f"human_random_{split}.csv").write_text("SMILES,Protein,Y\n" + "\n".join(rows) + "\n")
+    return d
+
+
+def test_cli_evaluate_table_json_and_skips(cli_env, world, capsys):
+    out = cli_env / "eval.json"
+    args = ["evaluate", "--config", str(cli_env / "run.yaml"), "--data-dir", str(cli_env / "data"), "--task",
+            "human,biosnap", "--n", "8", "--k", "3", "--n-boot", "50", "--no-progress"]
+    assert cli(args + ["--model", "mol", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "skipped: Task 'biosnap' skipped" in text and "biosnap_random" in text
+    assert "| mol |" in text and "n=8" in text and "reference: majority class" in text
+    rep = json.loads(out.read_text())
+    rows = {(r["model"], r["mode"]): r for r in rep["rows"]}
+    assert rows[("mol", "generation")]["n"] == 8 and ("mol", "likelihood") in rows
+    assert rep["tasks"][0]["evaluated"] == 8 and len(rep["skipped"]) == 1
+    preds = rep["predictions"]["mol|human"]
+    # the same adapter loaded from its directory gives the same answers
+    out2 = cli_env / "eval_dir.json"
+    assert cli(args + ["--model", str(world["adapters"]["mol"]), "--out", str(out2)]) == 0
+    rep2 = json.loads(out2.read_text())
+    assert list(rep2["predictions"].values())[0] == preds
+    capsys.readouterr()
+    assert cli(args + ["--model", "nobody"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert cli(args + ["--modes", "vibes"]) == 2
+
+
+def test_cli_compare_table_csv(cli_env, capsys):
+    from esm_core.merge import REGISTRY, MergeMethod, MergeOutput, register, weighted_sum
+
+    seen = {}
+
+    def learn(ctx, params):  # a data-needing method: records what the harness gives it
+        seen["data"] = ctx.data
+        K = len(ctx.names)
+        return MergeOutput(weighted_sum(ctx, {k: torch.full((K,), 1.0 / K) for k in ctx.keys}))
+
+    register(MergeMethod("test_learner", "Test learner", "-", "-", (), learn, frozenset({"data", "model"})))
+    try:
+        out = cli_env / "cmp"
+        rc = cli(["compare", "--config", str(cli_env / "run.yaml"), "--data-dir", str(cli_env / "data"),
+                  "--task", "human", "--n", "6", "--k", "2", "--n-boot", "20", "--methods", "average,test_learner",
+                  "--train-prompts", "5", "--no-progress", "--out", str(out)])
+    finally:
+        REGISTRY.pop("test_learner", None)
+    assert rc == 0, capsys.readouterr().err
+    assert len(seen["data"]) == 5 and all(p.answer in YN and p.meta["task"] == "human" for p in seen["data"])
+    md = (out / "table.md").read_text()
+    for model in ("base", "specialist: mol", "specialist: cell", "Average", "Test learner", "reference: majority class"):
+        assert f"| {model} |" in md
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    assert {r["model"] for r in rows} >= {"base", "Average", "Test learner"}
+    assert all(int(r["n"]) == 6 for r in rows)
+    res = json.loads((out / "results.json").read_text())
+    assert "average" in res["meta"]["merges"] and "test_learner|human" in res["meta"]["merges"]
+    # the average of three identical-scaling adapters equals the hand average: same answers as evaluate would give
+    avg = [r for r in rows if r["model"] == "Average" and r["mode"] == "likelihood"][0]
+    assert 0.0 <= float(avg["acc"]) <= 1.0
