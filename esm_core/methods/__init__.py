@@ -7,3 +7,4 @@ calls ``esm_core.merge.register``. The registry fills the app's select boxes and
 
 from . import average, es  # noqa: F401
 from . import consensus, dare, emr, pcb, task_arithmetic, ties  # noqa: F401
+from . import adamerging, finetune  # noqa: F401
