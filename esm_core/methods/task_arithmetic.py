@@ -11,7 +11,9 @@ With ``density`` < 1 each specialist's factor is first trimmed to its int(densit
 magnitudes (this is stock PEFT's ``magnitude_prune`` combination). ``weights`` are optional
 per-specialist multipliers (empty = 1 each). Scaling applies to A and B alike, so a module's update
 B A grows with scaling**2; stock PEFT's ``add_weighted_adapter(weights=w)`` instead puts sqrt(w * s)
-on each factor (s = alpha/r) and sets the merged scaling to 1: PEFT's w equals our w**2.
+on each factor (s = alpha/r) and sets the merged scaling to 1: PEFT's w equals our w**2. A negative weight here negates both
+factors of that specialist (its own B A term keeps its sign; only the cross terms flip), whereas PEFT
+puts the sign on A only; use positive weights when comparing with PEFT.
 """
 
 from __future__ import annotations
