@@ -171,3 +171,30 @@ def alpha_projection_sweep(states, n_specialists: int, cfg, weights: torch.Tenso
                                    cfg, weights).alpha for s in seeds]
         out[int(n)] = torch.stack(runs)
     return out
+
+
+def mean_lambda_per_layer(lam: dict[LoraKey, torch.Tensor], num_layers: int) -> torch.Tensor:
+    """[K, L]: mean merge coefficient of each specialist over all LoRA elements of each block."""
+    K = next(iter(lam.values())).shape[0]
+    tot = torch.zeros(K, num_layers, dtype=torch.float64)
+    cnt = torch.zeros(num_layers, dtype=torch.float64)
+    for k, v in lam.items():
+        tot[:, k.layer] += v.double().reshape(K, -1).sum(1)
+        cnt[k.layer] += v[0].numel()
+    return (tot / cnt.clamp_min(1)).float()
+
+
+def disagreements(gz: torch.Tensor, top: int = 20) -> list[tuple[tuple[int, ...], float]]:
+    """Elements where the specialists' z-scored scores differ most: (index, max - min across specialists)."""
+    spread = (gz.max(0).values - gz.min(0).values).reshape(-1)
+    n = min(int(top), spread.numel())
+    vals, idx = torch.topk(spread, n)
+    shape = tuple(gz.shape[1:])
+    out = []
+    for v, i in zip(vals.tolist(), idx.tolist()):
+        coord = []
+        for s in reversed(shape):
+            coord.append(i % s)
+            i //= s
+        out.append((tuple(reversed(coord)), float(v)))
+    return out

@@ -1,0 +1,63 @@
+"""ES-Merging workbench: the Streamlit entry point.
+
+    streamlit run app.py
+
+Routes the pages of ``pages/`` with st.navigation; the sidebar shows the current workspace (base,
+specialists, device, preset) and saves/loads a whole session. The pages are thin: they call
+``esm_core`` through ``ui.state`` and plot what it returns (``ui.figures``).
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+st.set_page_config(page_title="ES-Merging workbench", page_icon="🧬", layout="wide")
+
+from ui import state  # noqa: E402
+from ui.widgets import guard  # noqa: E402
+
+PAGES = [
+    st.Page("pages/overview.py", title="Overview", icon="🏠", default=True),
+    st.Page("pages/specialists.py", title="Specialists", icon="🧩"),
+    st.Page("pages/probe.py", title="Probe", icon="🧪"),
+    st.Page("pages/layer_signals.py", title="Layer signals", icon="📈"),
+    st.Page("pages/element_signals.py", title="Element signals", icon="🔬"),
+    st.Page("pages/embeddings.py", title="Embeddings", icon="🗺️"),
+    st.Page("pages/merge.py", title="Merge", icon="🔀"),
+    st.Page("pages/query.py", title="Query", icon="💬"),
+    st.Page("pages/explain.py", title="Explain", icon="🎓"),
+]
+
+
+def sidebar() -> None:
+    with st.sidebar:
+        st.markdown("### Workspace")
+        with guard():
+            sp = state.spec()
+            st.caption(f"**base** `{sp.base.rsplit('/', 2)[-2] + '/' + sp.base.rsplit('/', 1)[-1] if '/' in sp.base else sp.base}`")
+            st.caption("**specialists** " + ", ".join(f"{s.name} ({s.modality or '–'})" for s in sp.specialists))
+            st.caption(f"**device** {state.device_label()}")
+            m = state.method()
+            st.caption(f"**preset** {m.preset} · **mode** {m.mode}")
+            res = state.base_result()
+            st.caption("**computed** " + ("yes" if res is not None else "not yet"))
+        st.divider()
+        st.markdown("### Session")
+        from ui import session_io
+
+        with guard():
+            if state.base_result() is not None:
+                st.download_button("Save session", data=session_io.session_bytes(), file_name="esm_session.safetensors",
+                                   mime="application/octet-stream", help="Selection, settings, signals and "
+                                   "coefficients in one file (safetensors).", key="save_session")
+            up = st.file_uploader("Load session", type=["safetensors"], key="load_session",
+                                  help="A file saved with 'Save session'. Parsed without executing anything.")
+            if up is not None and st.session_state.get("_loaded_session") != up.file_id:
+                session_io.restore_session(up.getvalue())
+                st.session_state["_loaded_session"] = up.file_id
+                st.success("Session loaded.")
+
+
+nav = st.navigation(PAGES)
+sidebar()
+nav.run()

@@ -1,0 +1,5 @@
+"""merge page (work in progress)."""
+import streamlit as st
+
+st.title("merge")
+st.info("Coming next.")

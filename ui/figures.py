@@ -1,0 +1,190 @@
+"""Plotly figures of the method's signals: pure functions (arrays in, (figure, data frame) out).
+
+Every builder returns the figure and the data it shows as a tidy DataFrame, so that the page can
+offer both for download. Nothing here computes the method; it only lays out what esm_core returns.
+Reference figures: METHOD.md section 8 (Figs. 1/8, 2, 5, 6/9/10; Table 7).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+PALETTE = px.colors.qualitative.Set2
+DIVERGING = "RdBu_r"
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().float().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float32)
+
+
+def color_map(names: list[str]) -> dict[str, str]:
+    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
+
+
+# ------------------------------------------------------------------------------------ layer-wise
+def swd_curves(D, specialists: list[str], modalities: list[str], preset: str = "") -> tuple[go.Figure, pd.DataFrame]:
+    """D [K, M, L+1]: SWD between base and each specialist per layer, one panel per modality."""
+    D = _np(D)
+    K, M, L1 = D.shape
+    df = pd.DataFrame([dict(specialist=specialists[k], modality=modalities[m], layer=l, swd=float(D[k, m, l]))
+                       for k in range(K) for m in range(M) for l in range(L1)])
+    fig = px.line(df, x="layer", y="swd", color="specialist", facet_col="modality", markers=True,
+                  color_discrete_map=color_map(specialists),
+                  labels={"swd": "SWD(base, specialist)", "layer": "block (0 = input embeddings)"})
+    fig.update_layout(title=f"Sliced Wasserstein distance per layer{_tag(preset)}", height=360,
+                      legend_title_text="specialist")
+    return fig, df
+
+
+def layer_steps(ls, specialists: list[str], modalities: list[str], preset: str = "") -> tuple[go.Figure, pd.DataFrame]:
+    """Increments Delta and z-scores per (specialist, modality), score s and alpha per specialist."""
+    delta, z, s, alpha = _np(ls.delta), _np(ls.z), _np(ls.s), _np(ls.alpha)
+    K, M, L = delta.shape
+    layers = np.arange(1, L + 1)
+    fig = make_subplots(rows=1, cols=4, subplot_titles=("increment Δ", "z-score of Δ", "layer score s", "α (Eq. 2)"))
+    cmap = color_map(specialists)
+    dash = ["solid", "dot", "dash", "dashdot", "longdash"]
+    rows = []
+    for k, n in enumerate(specialists):
+        for m, mod in enumerate(modalities):
+            for col, arr, name in ((1, delta, "delta"), (2, z, "z")):
+                fig.add_trace(go.Scatter(x=layers, y=arr[k, m], mode="lines+markers", line=dict(color=cmap[n], dash=dash[m % 5]),
+                                         name=f"{n} · {mod}", legendgroup=n, showlegend=col == 1 and m == 0 and False),
+                              row=1, col=col)
+            for l in range(L):
+                rows.append(dict(specialist=n, modality=mod, layer=l + 1, delta=float(delta[k, m, l]), z=float(z[k, m, l])))
+        fig.add_trace(go.Scatter(x=layers, y=s[k], mode="lines+markers", line=dict(color=cmap[n]), name=n,
+                                 legendgroup=n, showlegend=False), row=1, col=3)
+        fig.add_trace(go.Scatter(x=layers, y=alpha[k], mode="lines+markers", line=dict(color=cmap[n]), name=n,
+                                 legendgroup=n), row=1, col=4)
+    df = pd.DataFrame(rows)
+    sa = pd.DataFrame([dict(specialist=n, layer=l + 1, s=float(s[k, l]), alpha=float(alpha[k, l]))
+                       for k, n in enumerate(specialists) for l in range(L)])
+    df = df.merge(sa, on=["specialist", "layer"])
+    fig.update_layout(height=340, title=f"From distances to layer coefficients{_tag(preset)} "
+                                        f"(line style = modality: {', '.join(f'{m}={d}' for m, d in zip(modalities, dash))})")
+    fig.update_xaxes(title_text="block")
+    return fig, df
+
+
+def alpha_heatmap(alpha, specialists: list[str], preset: str = "") -> tuple[go.Figure, pd.DataFrame]:
+    a = _np(alpha)  # [K, L]
+    L = a.shape[1]
+    fig = go.Figure(go.Heatmap(z=a.T, x=specialists, y=[str(l + 1) for l in range(L)], colorscale="Viridis",
+                               zmin=0, zmax=1, text=np.round(a.T, 3), texttemplate="%{text}",
+                               hovertemplate="block %{y}<br>%{x}: α=%{z:.4f}<extra></extra>"))
+    fig.update_layout(title=f"α per block (Fig. 5){_tag(preset)}", height=max(260, 28 * L + 120),
+                      yaxis_title="block", xaxis_title="specialist")
+    df = pd.DataFrame([dict(layer=l + 1, **{n: float(a[k, l]) for k, n in enumerate(specialists)}) for l in range(L)])
+    return fig, df
+
+
+def distance_matrix(D, layer: int, specialists: list[str], modalities: list[str], preset: str = "") -> tuple[go.Figure, pd.DataFrame]:
+    """Specialists x modalities SWD at one layer (Fig. 2); the row maximum is marked."""
+    d = _np(D)[:, :, layer]
+    fig = go.Figure(go.Heatmap(z=d, x=modalities, y=specialists, colorscale="Magma", text=np.round(d, 3),
+                               texttemplate="%{text}", hovertemplate="%{y} on %{x} tokens: %{z:.4f}<extra></extra>"))
+    for k in range(d.shape[0]):
+        m = int(np.argmax(d[k]))
+        fig.add_shape(type="rect", x0=m - 0.5, x1=m + 0.5, y0=k - 0.5, y1=k + 0.5, line=dict(color="cyan", width=3))
+    fig.update_layout(title=f"Distance from the base at block {layer} (Fig. 2){_tag(preset)}",
+                      xaxis_title="tokens of modality", yaxis_title="specialist", height=120 + 60 * d.shape[0])
+    fig.update_yaxes(autorange="reversed")
+    df = pd.DataFrame(d, index=specialists, columns=modalities).reset_index(names="specialist")
+    return fig, df
+
+
+def projection_sweep(sweep: dict[int, object], specialists: list[str]) -> tuple[go.Figure, pd.DataFrame]:
+    """alpha [seeds, K, L] per projection count: mean and spread across seeds (Table 7)."""
+    rows = []
+    for n, a in sweep.items():
+        a = _np(a)
+        for s in range(a.shape[0]):
+            for k, name in enumerate(specialists):
+                for l in range(a.shape[2]):
+                    rows.append(dict(projections=n, seed=s, specialist=name, layer=l + 1, alpha=float(a[s, k, l])))
+    df = pd.DataFrame(rows)
+    fig = px.box(df, x="layer", y="alpha", color="specialist", facet_col="projections", points="all",
+                 color_discrete_map=color_map(specialists))
+    fig.update_layout(title="α across random projection sets: more projections, less spread (Table 7)", height=360)
+    return fig, df
+
+
+# ------------------------------------------------------------------------------------ element-wise
+def block_reduce(mat: np.ndarray, max_rows: int = 256, max_cols: int = 256) -> tuple[np.ndarray, tuple[int, int]]:
+    """Mean over blocks so the matrix has at most max_rows x max_cols cells; returns (matrix, factors)."""
+    R, C = mat.shape
+    fr, fc = max(1, math.ceil(R / max_rows)), max(1, math.ceil(C / max_cols))
+    if fr == 1 and fc == 1:
+        return mat, (1, 1)
+    Rp, Cp = math.ceil(R / fr) * fr, math.ceil(C / fc) * fc
+    pad = np.full((Rp, Cp), np.nan, dtype=np.float32)
+    pad[:R, :C] = mat
+    red = np.nanmean(pad.reshape(Rp // fr, fr, Cp // fc, fc), axis=(1, 3))
+    return red.astype(np.float32), (fr, fc)
+
+
+def element_heatmaps(mats: dict[str, np.ndarray], title: str, *, zmin=None, zmax=None, colorscale="Viridis",
+                     max_cells: int = 256, offset: tuple[int, int] = (0, 0)) -> tuple[go.Figure, tuple[int, int]]:
+    """One heatmap per specialist, side by side, block-reduced above max_cells per side.
+
+    ``offset`` is the (row, col) of the top-left cell when showing a crop, so hover shows true indices.
+    """
+    names = list(mats)
+    first = next(iter(mats.values()))
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.04)
+    factors = (1, 1)
+    for i, n in enumerate(names):
+        red, factors = block_reduce(np.asarray(mats[n], dtype=np.float32), max_cells, max_cells)
+        ys = offset[0] + np.arange(red.shape[0]) * factors[0]
+        xs = offset[1] + np.arange(red.shape[1]) * factors[1]
+        fig.add_trace(go.Heatmap(z=red, x=xs, y=ys, zmin=zmin, zmax=zmax, colorscale=colorscale,
+                                 showscale=i == len(names) - 1, name=n,
+                                 hovertemplate=f"{n}<br>row %{{y}}, col %{{x}}<br>value %{{z:.4g}}<extra></extra>"),
+                      row=1, col=i + 1)
+    h = int(min(700, max(260, 12 * min(first.shape[0], max_cells) + 120)))
+    note = "" if factors == (1, 1) else f" — block means of {factors[0]}×{factors[1]} cells (select a crop for full resolution)"
+    fig.update_layout(title=title + note, height=h)
+    fig.update_yaxes(autorange="reversed")
+    return fig, factors
+
+
+def histograms(values: dict[str, np.ndarray], title: str, bins: int = 60) -> tuple[go.Figure, pd.DataFrame]:
+    fig = go.Figure()
+    cmap = color_map(list(values))
+    for n, v in values.items():
+        fig.add_trace(go.Histogram(x=np.asarray(v).ravel(), nbinsx=bins, name=n, opacity=0.6, marker_color=cmap[n]))
+    fig.update_layout(barmode="overlay", title=title, height=300, xaxis_title="value", yaxis_title="elements")
+    df = pd.DataFrame({n: pd.Series(np.asarray(v).ravel()) for n, v in values.items()})
+    return fig, df
+
+
+def matrix_frame(mats: dict[str, np.ndarray], value: str) -> pd.DataFrame:
+    """Long table (specialist, row, col, value) of element matrices."""
+    parts = []
+    for n, m in mats.items():
+        m = np.asarray(m)
+        r, c = np.indices(m.shape)
+        parts.append(pd.DataFrame({"specialist": n, "row": r.ravel(), "col": c.ravel(), value: m.ravel()}))
+    return pd.concat(parts, ignore_index=True)
+
+
+# ------------------------------------------------------------------------------------ embeddings
+def embedding_scatter(df: pd.DataFrame, title: str, models: list[str]) -> go.Figure:
+    """df columns: x, y, model, modality, sample, text (hover)."""
+    fig = px.scatter(df, x="x", y="y", color="model", symbol="modality", hover_name="text",
+                     hover_data={"x": False, "y": False, "sample": True, "model": True, "modality": True},
+                     color_discrete_map=color_map(models), custom_data=["model", "modality", "sample"])
+    fig.update_traces(marker=dict(size=7, opacity=0.75))
+    fig.update_layout(title=title, height=560, dragmode="lasso", legend_title_text="model")
+    return fig
+
+
+def _tag(preset: str) -> str:
+    return f" — preset '{preset}'" if preset else ""
