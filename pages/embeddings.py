@@ -1,5 +1,81 @@
-"""embeddings page (work in progress)."""
+"""Embeddings: 2-D maps (UMAP, or PCA instantly) of hidden states at a chosen block for the base,
+each specialist and merged models, per modality (paper Figs. 1 and 8). Hover shows the sample
+itself; selecting points lists them."""
+
+from __future__ import annotations
+
+import pandas as pd
 import streamlit as st
 
-st.title("embeddings")
-st.info("Coming next.")
+from esm_core.embed2d import gather_points, project_2d
+from ui import figures, state
+from ui.widgets import guard, need_result, preset_badge, show_figure
+
+st.title("Embeddings")
+st.caption("Where each model puts the probe samples in its hidden space. All chosen models are projected "
+           "together, so a specialist drifting away from the base on its own modality shows as a separate cloud.")
+
+
+@st.cache_resource(show_spinner="Projecting to 2-D ...", max_entries=32)
+def _project(key: str, method: str, seed: int, _X):
+    return project_2d(_X, method, seed=seed)
+
+
+def _label(raw: str, n: int = 70) -> str:
+    return raw if len(raw) <= n else raw[: n - 1] + "…"
+
+
+with guard():
+    res = need_result("emb")
+    if res is not None:
+        preset_badge(res)
+        cfg = res.config
+        L = res.num_layers
+        merged = list(state.merges())
+        c1, c2, c3, c4 = st.columns([1, 1, 1, 1])
+        modality = c1.selectbox("modality", res.modalities, key="emb_mod")
+        level = c2.radio("points", ["sample means", "tokens"], horizontal=True, key="emb_level",
+                         help="Per-token rows are kept for the blocks in token_layers (default: the last block).")
+        token_layers = sorted({(l if l >= 0 else L + 1 + l) for l in cfg.token_layers})
+        blocks = token_layers if level == "tokens" else list(range(L + 1))
+        layer = c3.selectbox("block", blocks, index=len(blocks) - 1, key="emb_layer",
+                             format_func=lambda l: "input embeddings" if l == 0 else f"block {l}")
+        method = c4.radio("projection", ["PCA", "UMAP"], horizontal=True, key="emb_method",
+                          help="PCA is instant; UMAP compiles itself on first use in a process (~15 s).")
+        models = st.multiselect("models", ["base", *res.specialists, *merged],
+                                default=["base", *res.specialists, *merged[-1:]], key="emb_models")
+        if len(models) < 1:
+            st.stop()
+        states = [res.states]
+        for m in models:
+            if m in merged:
+                states.append(state.merged_states(m, cfg))
+        pts = gather_points(states, layer, modality, models, level="sample" if level == "sample means" else "token",
+                            max_points_per_model=2000, seed=cfg.seed)
+        key = f"{state.run_key(cfg)}:{modality}:{layer}:{level}:{','.join(models)}:{len(pts.model)}"
+        xy = _project(key, method.lower(), cfg.seed, pts.X)
+        raws = state.workspace().batcher(cfg).probes.samples[modality]
+        df = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "model": pts.model, "modality": modality,
+                           "sample": pts.sample, "token": pts.token,
+                           "text": [_label(raws[s]) + ("" if t < 0 else f"  [token {t}]")
+                                    for s, t in zip(pts.sample, pts.token)]})
+        where = "input embeddings" if layer == 0 else f"block {layer}"
+        fig = figures.embedding_scatter(df, f"{method} of {modality} {level} at {where}", models)
+        event = show_figure(fig, df, f"embeddings {modality} {where}", key="emb_scatter", on_select="rerun")
+        sel = []
+        try:
+            sel = event.selection.points if event is not None else []
+        except AttributeError:
+            sel = []
+        if sel:
+            rows = [dict(model=p["customdata"][0], sample=int(p["customdata"][2]),
+                         raw=raws[int(p["customdata"][2])]) for p in sel if p.get("customdata")]
+            st.markdown(f"**{len(rows)} selected point(s)**")
+            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+        else:
+            st.caption("Select points (box or lasso) to list their samples.")
+        spread = df.groupby("model")[["x", "y"]].mean()
+        if "base" in spread.index:
+            d = ((spread - spread.loc["base"]) ** 2).sum(axis=1) ** 0.5
+            st.caption("Distance of each model's centroid from the base's on this map: "
+                       + ", ".join(f"{m} {v:.2f}" for m, v in d.items() if m != "base"))

@@ -259,8 +259,58 @@ def projection_sweep(res, counts: tuple, n_sets: int):
 
 # ------------------------------------------------------------------------------------ merges
 def merges() -> dict:
-    """Merged adapters made in this session: name -> {method, params, output}."""
+    """Merged adapters made in this session: name -> {method, pretty, params, output, folded, key}.
+
+    Each one is also loaded as an extra adapter named ``name`` on the shared base copy, so it can be
+    queried and embedded like a specialist.
+    """
     return st.session_state.setdefault("merges", {})
+
+
+def merge_name(method: str) -> str:
+    n = 1 + sum(1 for v in merges().values() if v["method"] == method)
+    return f"merged_{method}_{n}"
+
+
+def run_merge(method_name: str, params: dict, *, data=None, progress=None) -> str:
+    """Merge with a registered method (ES uses the current result), load it next to the specialists."""
+    from esm_core.merge import MergeContext, get_method, merged_config
+
+    method = get_method(method_name)
+    ws = workspace()
+    res = result() if "es" in method.needs else None
+    if "es" in method.needs and res is None:
+        raise ESMError("ES-Merging needs the coefficients of the current selection.",
+                       fix="run ES-Merging on the Overview page first.")
+    ctx = MergeContext.from_specialists(ws.sset, workspace=ws, es_result=res, data=data, seed=method_seed(),
+                                        progress=progress)
+    out = method.run(ctx, params)
+    name = merge_name(method_name)
+    template = ws.sset.adapters[ws.sset.names[0]]
+    ws.sset.add_adapter(name, out.tensors, merged_config(template, ws.sset.base_path, ctx.folded))
+    merges()[name] = dict(method=method_name, pretty=method.pretty, params=out.info.get("params", params),
+                          output=out, folded=ctx.folded, scalings=ctx.scalings, key=run_key(),
+                          es_config=res.config.resolved() if res is not None else None)
+    return name
+
+
+def method_seed() -> int:
+    return int(method().seed)
+
+
+@st.cache_resource(show_spinner="Forwarding the probes through the merged model ...", max_entries=16)
+def _merged_states(key: str, name: str, _ws, _cfg):
+    from esm_core.probe import collect_hidden_states
+
+    return collect_hidden_states(_ws.sset, _ws.batcher(_cfg), [name], batch_size=_cfg.batch_size,
+                                 token_layers=_cfg.token_layers)
+
+
+def merged_states(name: str, cfg: MethodConfig):
+    """Hidden states of a session merge on the current probes (cached)."""
+    if name not in merges():
+        raise ESMError(f"No merged model named {name!r} in this session.", fix="merge on the Merge page first.")
+    return _merged_states(f"{run_key(cfg)}:{name}:{id(merges()[name]['output'])}", name, workspace(), cfg)
 
 
 def device_label() -> str:
@@ -269,3 +319,121 @@ def device_label() -> str:
     if torch.cuda.is_available():
         return f"GPU: {torch.cuda.get_device_name(0)}"
     return f"CPU ({torch.get_num_threads()} threads)"
+
+
+# ------------------------------------------------------------------------------------ specialists page
+@st.cache_resource(show_spinner="Checking the adapters ...", max_entries=8)
+def _verdict(key: str, _specialists: tuple, _base: str, _trust: bool, _encoders: tuple):
+    from esm_core.describe import check_specialists
+
+    return check_specialists(list(_specialists), _base, trust_remote_code=_trust, encoders=list(_encoders))
+
+
+def _stamp(path: str | None) -> str:
+    """Path plus modification times of the files in it, so an edited adapter is checked again."""
+    if not path:
+        return ""
+    p = Path(path)
+    files = sorted(p.iterdir()) if p.is_dir() else [p]
+    return path + ":" + ",".join(f"{f.name}@{f.stat().st_mtime_ns}" for f in files if f.is_file())
+
+
+def verdict(sp: RunSpec | None = None):
+    """The compatibility verdict (esm_core.describe.Verdict) of a spec's specialists, base and encoders,
+    without loading model weights; paths are checked against the allowed roots first."""
+    sp = sp or spec()
+    check_spec_paths(sp)
+    specs = tuple((s.name, s.adapter) for s in sp.specialists)
+    encs = tuple((m.name, m.encoder) for m in sp.modalities)
+    key = _digest([[(n, _stamp(a)) for n, a in specs], _stamp(sp.base) if Path(sp.base).is_dir() else sp.base,
+                   sp.trust_remote_code, [(n, e.type, _stamp(e.path), e.options) for n, e in encs]])
+    return _verdict(key, specs, sp.base, sp.trust_remote_code, encs)
+
+
+# ------------------------------------------------------------------------------------ probe page
+def spec_samples() -> dict[str, list]:
+    """Raw samples of the current spec's data files (what samples() holds until a user changes it)."""
+    d = run_spec_to_dict(spec())
+    d.pop("source", None)
+    d["method"] = {}
+    return _read_samples(json.dumps(d, default=str))
+
+
+def _sample_record() -> dict:
+    """Per modality: the pool rows are picked from and where the current samples came from."""
+    key = spec_key(spec())
+    rec = st.session_state.get("sample_record")
+    if not rec or rec.get("_spec") != key:
+        rec = {"_spec": key, "pool": {}, "source": {}, "picked": {}}
+        st.session_state["sample_record"] = rec
+    return rec
+
+
+def sample_pool(modality: str) -> tuple[str, list]:
+    """(description, raw rows) that a user picks rows from: the last upload, else the spec's data file."""
+    rec = _sample_record()
+    if modality in rec["pool"]:
+        return rec["pool"][modality]
+    m = next(x for x in spec().modalities if x.name == modality)
+    where = f"data file {Path(m.data.path).name} · column {m.data.column}" if m.data else "the run config"
+    return where, spec_samples()[modality]
+
+
+def picked_rows(modality: str) -> list[int] | None:
+    """Indices into the pool of the rows in use, or None when all of them are."""
+    return _sample_record()["picked"].get(modality)
+
+
+def sample_sources() -> dict[str, str]:
+    """Where each modality's current samples came from."""
+    rec = _sample_record()
+    cur, out = samples(), {}
+    for m in spec().modalities:
+        if m.name in rec["source"]:
+            out[m.name] = rec["source"][m.name]
+        else:
+            where, pool = sample_pool(m.name)
+            out[m.name] = where if list(cur.get(m.name, [])) == list(pool) else "custom (a loaded session)"
+    return out
+
+
+def set_modality_samples(modality: str, raws: list, source: str, *, pool: tuple[str, list] | None = None,
+                         picked: list[int] | None = None) -> None:
+    """Replace one modality's samples (others unchanged), remembering where they came from."""
+    new = dict(samples())
+    new[modality] = list(raws)
+    set_samples(new)
+    rec = _sample_record()
+    if pool is not None:
+        rec["pool"][modality] = pool
+    rec["source"][modality] = source
+    if picked is None:
+        rec["picked"].pop(modality, None)
+    else:
+        rec["picked"][modality] = list(picked)
+
+
+def reset_modality_samples(modality: str) -> None:
+    """Back to the spec's data file for one modality."""
+    rec = _sample_record()
+    rec["pool"].pop(modality, None)
+    rec["source"].pop(modality, None)
+    rec["picked"].pop(modality, None)
+    new = dict(samples())
+    new[modality] = list(spec_samples()[modality])
+    set_samples(new)
+
+
+def apply_spec(new: RunSpec):
+    """Check a user's run (allowed roots, structure, every adapter/base/encoder check, probe data files)
+    and make it current when it passes. Returns the verdict; raises ESMError for a refusal that stops
+    the checks (a path outside the roots, an invalid structure, an unreadable data file)."""
+    from esm_core.pipeline import read_probe_samples
+
+    check_spec_paths(new)
+    new.validate()
+    v = verdict(new)
+    if v.ok:
+        read_probe_samples(new)
+        set_spec(new)
+    return v
