@@ -182,7 +182,7 @@ def _methods_run(args) -> int:
         return 0
     for m in ms:
         ps = ", ".join(f"{p.name}={p.default!r}" for p in m.params) or "-"
-        print(f"{m.name:<14} {m.pretty:<26} params: {ps}\n{'':<14} {m.paper}")
+        print(f"{m.name:<16} {m.pretty:<26} params: {ps}\n{'':<16} {m.paper}")
     return 0
 
 

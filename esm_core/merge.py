@@ -124,7 +124,10 @@ class MergeMethod:
                 raise ESMError(f"Parameter {p.name}={v!r} of {self.name!r} is not allowed.",
                                fix=f"choose one of {list(p.choices)}.")
             if p.min is not None and v < p.min or p.max is not None and v > p.max:
-                raise ESMError(f"Parameter {p.name}={v!r} of {self.name!r} is out of range [{p.min}, {p.max}].")
+                lo = "-inf" if p.min is None else p.min
+                hi = "inf" if p.max is None else p.max
+                raise ESMError(f"Parameter {p.name}={v!r} of {self.name!r} is out of range [{lo}, {hi}].",
+                               fix=f"choose a value between {lo} and {hi} ({p.help})")
             out[p.name] = v
         return out
 
@@ -135,6 +138,9 @@ class MergeMethod:
                            fix="run the coefficient estimation first.")
         if "model" in self.needs and ctx.sset is None:
             raise ESMError(f"Merge method {self.name!r} needs the loaded models.")
+        if "data" in self.needs and not ctx.data:
+            raise ESMError(f"Merge method {self.name!r} learns from task data, and none was given.",
+                           fix="pick a task (app: Merge page; CLI: `compare`) whose training rows it can use.")
         out = self.fn(ctx, resolved)
         out.info.setdefault("method", self.name)
         out.info.setdefault("params", resolved)
