@@ -110,25 +110,36 @@ class BatchedAnswerer:
         return self.qa._ids(" " + label)
 
     # ---------------------------------------------------------------- core
-    def _prefix_len(self, prompts: Sequence[Prompt]) -> int:
-        """Tokens (BOS + leading ids of the first text segment) that every prompt shares."""
+    def _prefix(self, prompts: Sequence[Prompt]) -> tuple[int, list]:
+        """(P, segments): the leading tokens every prompt shares -- whole equal segments (text, or the same
+        modality item, e.g. the CYP enzyme), then the common leading token ids of the first text segment
+        that differs -- with BOS, and the reference segments that cover them."""
         if not self.prefix_cache or not prompts:
-            return 0
-        heads = []
-        for p in prompts:
-            if not p.segments or not isinstance(p.segments[0], str):
-                return 0
-            heads.append(self.qa._ids(p.segments[0]))
-        ref = heads[0]
-        n = len(ref)
-        for h in heads[1:]:
-            m = min(n, len(h))
-            diff = [i for i in range(m) if h[i] != ref[i]]
-            n = diff[0] if diff else m
-            if n == 0:
-                break
-        bos = 1 if self.qa.tok.bos_token_id is not None else 0
-        return bos + n
+            return 0, []
+        ref = prompts[0].segments
+        n = 1 if self.qa.tok.bos_token_id is not None else 0
+        for i, seg in enumerate(ref):
+            if all(len(p.segments) > i and p.segments[i] == seg for p in prompts[1:]):
+                n += len(self.qa._ids(seg)) if isinstance(seg, str) else self.item_tokens(seg)
+                continue
+            if isinstance(seg, str) and all(isinstance(p.segments[i], str) for p in prompts[1:] if len(p.segments) > i):
+                head = self.qa._ids(seg)
+                m = len(head)
+                for p in prompts[1:]:
+                    if len(p.segments) <= i:
+                        m = 0
+                        break
+                    other = self.qa._ids(p.segments[i])
+                    m = min(m, len(other))
+                    m = next((j for j in range(m) if other[j] != head[j]), m)
+                    if m == 0:
+                        break
+                return n + m, ref[:i + 1]
+            return n, ref[:i]
+        return n, list(ref)
+
+    def _prefix_len(self, prompts: Sequence[Prompt]) -> int:
+        return self._prefix(prompts)[0]
 
     @torch.no_grad()
     def run(self, prompts: Sequence[Prompt], adapter: str | None, *, score: bool = True, generate: bool = True,
@@ -151,11 +162,12 @@ class BatchedAnswerer:
         if too_long:
             raise ESMError(f"{len(too_long)} prompt(s) are longer than the model's {self.max_length} tokens "
                            f"(longest {max(lengths)}).", fix="fit them first (evaluate.fit_prompt) or use fewer examples.")
-        P = min(self._prefix_len(prompts), min(lengths) - 1)
+        P, prefix_segs = self._prefix(prompts)
+        P = min(P, min(lengths) - 1)
         order = sorted(range(n), key=lambda i: lengths[i])
         done_n = 0
         with self.sset.use(adapter):
-            prefix_kv = self._prefix_kv(prompts[0], P) if P > 0 else None
+            prefix_kv = self._prefix_kv(prefix_segs, P) if P > 0 else None
             for s in range(0, n, self.batch_size):
                 idx = order[s:s + self.batch_size]
                 lp, tx = self._batch([prompts[i] for i in idx], prefix_kv, P, score, generate, max_new_tokens,
@@ -170,8 +182,8 @@ class BatchedAnswerer:
                     progress(f"{done_n}/{n} prompts", done_n / n)
         return Answers(labels, logp, texts)
 
-    def _prefix_kv(self, prompt: Prompt, P: int):
-        e = self.qa.segment_embeds(prompt.segments[:1])[:P]
+    def _prefix_kv(self, segments: list, P: int):
+        e = self.qa.segment_embeds(segments)[:P]
         out = self.sset.lm(inputs_embeds=e.unsqueeze(0), use_cache=True, logits_to_keep=1)
         return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
@@ -728,6 +740,10 @@ def _common_args(p) -> None:
     p.add_argument("--modes", default="generation,likelihood", help="Answer modes: generation, likelihood or both.")
     p.add_argument("--n-boot", type=int, default=1000, help="Bootstrap resamples for the 95 %% intervals.")
     p.add_argument("--batch-size", type=int, default=16, help="Prompts per forward pass.")
+    p.add_argument("--protein-residues", type=int, default=None,
+                   help="Show only the first N residues of each protein in prompts (the demo zoo was trained on "
+                        "300); selection still compares whole sequences. Default: whole sequences.")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     p.add_argument("--no-progress", action="store_true", help="No progress bars.")
 
 
@@ -739,12 +755,20 @@ def _setup(args, *, probes: bool = False):
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise ESMError(f"--modes {args.modes!r} is not a list of {list(MODES)}.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = expand_names(args.tasks or ["all"])
     tasks, skipped = load_tasks(names, args.data_dir, seed=args.split_seed,
                                 log=lambda m: print(f"skipped: {m}", flush=True))
+    for t in tasks:
+        t.protein_residues = args.protein_residues
     ws = load_models(cfg, probes=probes)
     answerer = BatchedAnswerer(ws.sset, ws.encoders, batch_size=args.batch_size)
     return cfg, modes, tasks, skipped, ws, answerer
+
+
+def _settings(args) -> dict:
+    return {k: v for k, v in sorted(vars(args).items()) if isinstance(v, (str, int, float, bool, list, type(None)))}
 
 
 def _prog(args, desc):
@@ -760,7 +784,8 @@ def _evaluate_add(p) -> None:
 def _evaluate_run(args) -> int:
     cfg, modes, tasks, skipped, ws, answerer = _setup(args)
     name, adapter = resolve_model(ws, args.model)
-    rep = Report(skipped=skipped, meta=dict(command="evaluate", config=str(cfg), model=args.model, n=args.n,
+    rep = Report(skipped=skipped, meta=dict(command="evaluate", settings=_settings(args), config=str(cfg),
+                                            model=args.model, n=args.n,
                                             seed=args.seed, split_seed=args.split_seed, k=args.k, modes=modes))
     for task in tasks:
         tp = task_prompts(task, answerer, n=args.n, seed=args.seed, k=args.k)
@@ -839,7 +864,8 @@ def _compare_run(args) -> int:
     if not tasks:
         raise ESMError("No task could be loaded.", fix="check --data-dir; skipped: " + "; ".join(skipped))
     t_all = time.perf_counter()
-    rep = Report(skipped=skipped, meta=dict(command="compare", config=str(cfg), methods=methods, n=args.n,
+    rep = Report(skipped=skipped, meta=dict(command="compare", settings=_settings(args), config=str(cfg),
+                                            methods=methods, n=args.n,
                                             seed=args.seed, split_seed=args.split_seed, k=args.k, modes=modes,
                                             params=params, train_prompts=args.train_prompts, merges={}))
     tps = []

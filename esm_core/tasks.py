@@ -155,6 +155,7 @@ class TaskData:
     counts: dict = field(default_factory=dict)
     note: str = ""
     protein_similarity: object | None = None  # for molecule_protein: e.g. EmbeddingProteinSimilarity(esm2)
+    protein_residues: int | None = None  # show only the first N residues of proteins in prompts (None: all)
     _selector: object | None = field(default=None, repr=False)
 
     @property
@@ -214,8 +215,14 @@ class TaskData:
             return self.selector.select(v["smiles"], v["genes"].split(), k, exclude)
         return self.selector.select((v["smiles"], v["smiles_2"]), v["genes"].split(), k, exclude)
 
+    def _shown(self, modality: str, raw: str) -> str:
+        if modality == "protein" and self.protein_residues:
+            return raw[:self.protein_residues]
+        return raw
+
     def example(self, record: Record, with_label: bool = True) -> Example:
-        return Example([(f.name, Item(f.modality, record.values[f.key])) for f in self.fields],
+        """The record as prompt fields (proteins cut to ``protein_residues`` when set; selection uses them whole)."""
+        return Example([(f.name, Item(f.modality, self._shown(f.modality, record.values[f.key]))) for f in self.fields],
                        record.label if with_label else None, dict(record.meta))
 
     def prompt(self, record: Record, k: int = 5, exclude=None, chosen=None) -> Prompt:
@@ -227,7 +234,8 @@ class TaskData:
             chosen = self.select(record, k, exclude)
         examples = [self.example(self.train[c.index]) for c in chosen]
         p = few_shot_prompt(self.system, self.question, self.labels, examples, self.example(record, False),
-                            answer=record.label, context=self.context or None)
+                            answer=record.label,
+                            context=[(n, Item(i.modality, self._shown(i.modality, i.raw))) for n, i in self.context] or None)
         p.meta.update(task=self.name, chosen=list(chosen), example_labels=[e.label for e in examples],
                       query=dict(record.meta))
         return p

@@ -131,11 +131,18 @@ def test_batched_equals_one_at_a_time(workspace, tasks):
             a = fast.run(prompts, adapter, max_new_tokens=5)
             assert torch.allclose(a.logprobs, ref_lp, atol=2e-4), (bs, pc, adapter)
             assert a.texts == ref_gen
+        cyp = fast.run(prompts[-3:], adapter, max_new_tokens=5)  # prefix cache past the shared enzyme item
+        assert torch.allclose(cyp.logprobs, ref_lp[-3:], atol=2e-4) and cyp.texts == ref_gen[-3:]
     # the same task's prompts share a prefix that is cached
     same = [tasks["dti"].prompt(r, k=3) for r in tasks["dti"].test[:5]]
     fast = BatchedAnswerer(workspace.sset, workspace.encoders)
     assert fast._prefix_len(same) > 100
     assert fast._prefix_len(prompts) >= 1
+    # a shared modality item (the CYP enzyme) extends the cached prefix past it
+    cyp = [tasks["cyp"].prompt(r, k=3) for r in tasks["cyp"].test[:4]]
+    enzyme_end = fast.prompt_length(type(cyp[0])(cyp[0].segments[:2], YN))
+    assert fast._prefix_len(cyp) > enzyme_end
+    assert fast._prefix_len(cyp[:1]) == fast.prompt_length(cyp[0])
 
 
 def test_adapters_change_the_answers(ba, tasks):

@@ -216,3 +216,14 @@ def test_real_gdsc2_z_labels_balanced():
     assert 50_000 < n < 60_000
     sens = sum(r.label == "Sensitive" for r in td.train + td.test) / n
     assert 0.45 < sens < 0.55
+
+
+def test_protein_residues_cut_in_prompts_only(tmp_path):
+    long_a, long_b = PROT * 3, PROT * 2 + PROT2  # share their first 30 residues, differ later
+    td = molecule_protein_task(dti_csv(tmp_path / "tr.csv", [("CCO", long_a, 1), ("CCN", long_b, 0)]),
+                               dti_csv(tmp_path / "te.csv", [("CCC", long_a, 1)]))
+    td.protein_residues = 30
+    p = td.prompt(td.test[0], k=1)
+    prots = [s.raw for s in p.segments if isinstance(s, Item) and s.modality == "protein"]
+    assert prots == [long_a[:30], long_a[:30]]
+    assert p.meta["chosen"][0].index == 0 and p.meta["chosen"][0].reason == "same protein"  # whole sequences compared
