@@ -276,13 +276,29 @@ class BlockCapture:
         return None
 
 
-def forward_blocks(sset, batch: Batch, detach_inputs: bool = False) -> list[torch.Tensor]:
-    """[input embeddings, block 1 output, ..., block L output] for the currently active model."""
+def forward_blocks(sset, batch: Batch, detach_inputs: bool = False, grad_prefix: int | None = None) -> list[torch.Tensor]:
+    """[input embeddings, block 1 output, ..., block L output] for the currently active model.
+
+    ``grad_prefix=e``: only positions < e need gradients (the tokens whose distances are
+    differentiated end there). The prefix runs with autograd and a KV cache, the rest continues from
+    that cache without building a graph; outputs are identical, the backward covers the prefix only.
+    """
     # The decoder without its LM head: block outputs are all we need, the vocabulary projection is not.
     decoder = sset.lm.get_decoder() if hasattr(sset.lm, "get_decoder") else sset.lm
+    x, mask = batch.inputs_embeds, batch.attention_mask
+    T = x.shape[1]
     with BlockCapture(sset.blocks, detach_inputs=detach_inputs) as cap:
-        decoder(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=False)
-    return [batch.inputs_embeds, *cap.outputs]
+        if grad_prefix is None or not 0 < grad_prefix < T or not torch.is_grad_enabled():
+            decoder(inputs_embeds=x, attention_mask=mask, use_cache=False)
+            return [x, *cap.outputs]
+        e = int(grad_prefix)
+        out = decoder(inputs_embeds=x[:, :e], attention_mask=mask[:, :e], use_cache=True)
+        first = list(cap.outputs)
+        with torch.no_grad():
+            decoder(inputs_embeds=x[:, e:], attention_mask=mask, past_key_values=out.past_key_values,
+                    use_cache=True)
+        second = list(cap.outputs)
+    return [x, *(torch.cat([a, b], dim=1) for a, b in zip(first, second))]
 
 
 # ------------------------------------------------------------------------------------ states

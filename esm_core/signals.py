@@ -91,6 +91,12 @@ def unit_batches(lengths: list[int], group: int, batch_size: int) -> list[list[i
     return [[i for u in order[s:s + per] for i in units[u]] for s in range(0, len(order), per)]
 
 
+def grad_prefix(batch, mods: list[str]) -> int:
+    """Positions after the last token of the element-signal modalities need no gradient."""
+    ends = [int(batch.masks[m].any(0).nonzero().max()) + 1 for m in mods if bool(batch.masks[m].any())]
+    return max(ends) if ends else 0
+
+
 def compute_signals(sset, batcher: ProbeBatcher, cfg, *, need_element: bool = True,
                     progress: ProgressFn | None = None) -> Signals:
     """Hidden states of base and specialists, and (unless need_element=False) raw element scores."""
@@ -128,7 +134,8 @@ def compute_signals(sset, batcher: ProbeBatcher, cfg, *, need_element: bool = Tr
                         gr = grads[n]
                         gr.arm()
                         with torch.enable_grad():
-                            outs = forward_blocks(sset, batch, detach_inputs=True)
+                            outs = forward_blocks(sset, batch, detach_inputs=True,
+                                                  grad_prefix=grad_prefix(batch, mods_of[n]))
                             col.add(n, batch, outs)
                             t_fwd += time.perf_counter() - ts
                             ts = time.perf_counter()
