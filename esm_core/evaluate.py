@@ -744,6 +744,8 @@ def _common_args(p) -> None:
                    help="Show only the first N residues of each protein in prompts (the demo zoo was trained on "
                         "300); selection still compares whole sequences. Default: whole sequences.")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    p.add_argument("--min-test-rows", type=int, default=0,
+                   help="Skip (with a message) tasks whose test split has fewer rows than this.")
     p.add_argument("--no-progress", action="store_true", help="No progress bars.")
 
 
@@ -760,8 +762,13 @@ def _setup(args, *, probes: bool = False):
     names = expand_names(args.tasks or ["all"])
     tasks, skipped = load_tasks(names, args.data_dir, seed=args.split_seed,
                                 log=lambda m: print(f"skipped: {m}", flush=True))
-    for t in tasks:
+    for t in list(tasks):
         t.protein_residues = args.protein_residues
+        if len(t.test) < args.min_test_rows:
+            msg = f"Task {t.name!r} skipped: {len(t.test)} test rows, fewer than --min-test-rows {args.min_test_rows}."
+            print(f"skipped: {msg}", flush=True)
+            skipped.append(msg)
+            tasks.remove(t)
     ws = load_models(cfg, probes=probes)
     answerer = BatchedAnswerer(ws.sset, ws.encoders, batch_size=args.batch_size)
     return cfg, modes, tasks, skipped, ws, answerer
@@ -813,6 +820,9 @@ def _compare_add(p) -> None:
                    help="A merge-method parameter, e.g. ties.density=0.3 (repeatable).")
     p.add_argument("--train-prompts", type=int, default=64,
                    help="Training-row prompts given to methods that learn from data (AdaMerging, fine-tuning).")
+    p.add_argument("--data-scope", choices=("task", "suite"), default="task",
+                   help="Methods that learn from data: one merge per task on its training prompts (task), or one "
+                        "merge on the training prompts of every task together (suite, AdaMerging's multi-task setting).")
     p.add_argument("--out", required=True, help="Output folder: table.md, table.csv, results.json.")
 
 
@@ -867,7 +877,8 @@ def _compare_run(args) -> int:
     rep = Report(skipped=skipped, meta=dict(command="compare", settings=_settings(args), config=str(cfg),
                                             methods=methods, n=args.n,
                                             seed=args.seed, split_seed=args.split_seed, k=args.k, modes=modes,
-                                            params=params, train_prompts=args.train_prompts, merges={}))
+                                            params=params, train_prompts=args.train_prompts,
+                                            data_scope=args.data_scope, merges={}))
     tps = []
     for task in tasks:
         tp = task_prompts(task, answerer, n=args.n, seed=args.seed, k=args.k)
@@ -896,7 +907,15 @@ def _compare_run(args) -> int:
         es_result = estimate(ws, progress=_prog(args, "ES coefficients"))
         rep.meta["es_estimate_s"] = time.perf_counter() - t0
     for m, meth in resolved.items():
-        if "data" in meth.needs:  # learns from the task: one merge per task, on its training prompts
+        if "data" in meth.needs and args.data_scope == "suite":  # one merge on every task's training prompts
+            data = [p for tp in tps for p in training_prompts(tp.task, args.train_prompts, seed=args.seed, k=args.k,
+                                                               answerer=answerer)]
+            name, info = merged_adapter(ws, meth, params.get(m, {}), es_result=es_result, data=data, seed=args.seed,
+                                        name=f"merged_{m}", progress=_prog(args, meth.pretty))
+            rep.meta["merges"][m] = info
+            run_model(meth.pretty, name, "merge")
+            ws.sset.remove_adapter(name)
+        elif "data" in meth.needs:  # learns from the task: one merge per task, on its training prompts
             for tp in tps:
                 data = training_prompts(tp.task, args.train_prompts, seed=args.seed, k=args.k, answerer=answerer)
                 name, info = merged_adapter(ws, meth, params.get(m, {}), es_result=es_result, data=data,

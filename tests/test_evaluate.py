@@ -271,10 +271,11 @@ def cli_env(world, tmp_path_factory):
     rnd = random.Random(3)
     data = d / "data" / "public" / "dti"
     data.mkdir(parents=True)
-    for split, n in (("train", 30), ("test", 12)):
-        rows = [f"{rnd.choice(MOLECULES)},{rnd.choice([PROT_A, PROT_B, PROTEINS[5]])},{rnd.choice(['0', '1.0'])}"
-                for _ in range(n)]
-        (data / f"human_random_{split}.csv").write_text("SMILES,Protein,Y\n" + "\n".join(rows) + "\n")
+    for stem in ("human_random", "bindingdb_sample"):
+        for split, n in (("train", 30), ("test", 12)):
+            rows = [f"{rnd.choice(MOLECULES)},{rnd.choice([PROT_A, PROT_B, PROTEINS[5]])},{rnd.choice(['0', '1.0'])}"
+                    for _ in range(n)]
+            (data / f"{stem}_{split}.csv").write_text("SMILES,Protein,Y\n" + "\n".join(rows) + "\n")
     return d
 
 
@@ -300,6 +301,9 @@ def test_cli_evaluate_table_json_and_skips(cli_env, world, capsys):
     assert cli(args + ["--model", "nobody"]) == 2
     assert "error:" in capsys.readouterr().err
     assert cli(args + ["--modes", "vibes"]) == 2
+    capsys.readouterr()
+    assert cli(args + ["--min-test-rows", "13"]) == 0
+    assert "'human' skipped: 12 test rows" in capsys.readouterr().out
 
 
 def test_cli_compare_table_csv(cli_env, capsys):
@@ -313,15 +317,23 @@ def test_cli_compare_table_csv(cli_env, capsys):
         return MergeOutput(weighted_sum(ctx, {k: torch.full((K,), 1.0 / K) for k in ctx.keys}))
 
     register(MergeMethod("test_learner", "Test learner", "-", "-", (), learn, frozenset({"data", "model"})))
+    common = ["compare", "--config", str(cli_env / "run.yaml"), "--data-dir", str(cli_env / "data"), "--k", "2",
+              "--n-boot", "20", "--train-prompts", "5", "--no-progress"]
     try:
         out = cli_env / "cmp"
-        rc = cli(["compare", "--config", str(cli_env / "run.yaml"), "--data-dir", str(cli_env / "data"),
-                  "--task", "human", "--n", "6", "--k", "2", "--n-boot", "20", "--methods", "average,test_learner",
-                  "--train-prompts", "5", "--no-progress", "--out", str(out)])
+        rc = cli(common + ["--task", "human", "--n", "6", "--methods", "average,test_learner", "--out", str(out)])
+        assert rc == 0, capsys.readouterr().err
+        assert len(seen["data"]) == 5 and all(p.answer in YN and p.meta["task"] == "human" for p in seen["data"])
+        # suite scope: one merge on the training prompts of every task
+        rc = cli(common + ["--task", "human,bindingdb", "--n", "3", "--methods", "test_learner", "--no-base",
+                           "--no-specialists", "--data-scope", "suite", "--out", str(cli_env / "cmp_suite")])
+        assert rc == 0
+        assert sorted({p.meta["task"] for p in seen["data"]}) == ["bindingdb", "human"] and len(seen["data"]) == 10
+        suite = json.loads((cli_env / "cmp_suite" / "results.json").read_text())
+        assert list(suite["meta"]["merges"]) == ["test_learner"]
+        assert {r["task"] for r in suite["rows"] if r["model"] == "Test learner"} == {"human", "bindingdb"}
     finally:
         REGISTRY.pop("test_learner", None)
-    assert rc == 0, capsys.readouterr().err
-    assert len(seen["data"]) == 5 and all(p.answer in YN and p.meta["task"] == "human" for p in seen["data"])
     md = (out / "table.md").read_text()
     for model in ("base", "specialist: mol", "specialist: cell", "Average", "Test learner", "reference: majority class"):
         assert f"| {model} |" in md
