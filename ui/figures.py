@@ -188,3 +188,78 @@ def embedding_scatter(df: pd.DataFrame, title: str, models: list[str]) -> go.Fig
 
 def _tag(preset: str) -> str:
     return f" — preset '{preset}'" if preset else ""
+
+
+# ------------------------------------------------------------------------------------ specialists
+def delta_norm_heatmaps(mats: dict[str, tuple[list[int], list[str], np.ndarray]]) -> tuple[go.Figure, pd.DataFrame]:
+    """Blocks x modules ||scaling·B·A||_F per adapter, one panel each on a shared colour scale."""
+    names = list(mats)
+    vmax = max((float(np.nanmax(m[2])) for m in mats.values() if np.isfinite(m[2]).any()), default=1.0)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.05, shared_yaxes=True)
+    rows = []
+    for i, n in enumerate(names):
+        blocks, modules, arr = mats[n]
+        short = [m.rsplit(".", 1)[-1] for m in modules]
+        fig.add_trace(go.Heatmap(z=arr.astype(np.float32), x=short, y=[str(b) for b in blocks], zmin=0, zmax=vmax,
+                                 colorscale="Viridis", showscale=i == len(names) - 1, name=n,
+                                 hovertemplate=f"{n}<br>block %{{y}} · %{{x}}<br>‖s·BA‖ = %{{z:.4g}}<extra></extra>"),
+                      row=1, col=i + 1)
+        for bi, b in enumerate(blocks):
+            for mi, m in enumerate(modules):
+                rows.append(dict(specialist=n, block=b, module=m, delta_norm=float(arr[bi, mi])))
+    L = max((len(m[0]) for m in mats.values()), default=1)
+    fig.update_layout(title="Weight change per block and module: ‖scaling · B·A‖_F", height=max(260, 26 * L + 140))
+    fig.update_yaxes(autorange="reversed", title_text="block", col=1)
+    return fig, pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------ probe previews
+def protein_lengths(lengths: pd.DataFrame, modality: str = "protein") -> tuple[go.Figure, pd.DataFrame]:
+    fig = px.histogram(lengths, x="length", nbins=min(40, max(5, len(lengths) // 3)))
+    fig.update_layout(title=f"{modality}: sequence length ({len(lengths)} samples, median "
+                            f"{float(lengths['length'].median()) if len(lengths) else 0:g})",
+                      height=280, xaxis_title="residues", yaxis_title="samples")
+    return fig, lengths
+
+
+def aa_composition(comp: pd.DataFrame, modality: str = "protein") -> tuple[go.Figure, pd.DataFrame]:
+    fig = px.bar(comp, x="amino_acid", y="fraction", hover_data=["count"])
+    fig.update_layout(title=f"{modality}: amino-acid composition", height=280, xaxis_title="amino acid",
+                      yaxis_title="fraction of residues", yaxis_tickformat=".0%")
+    return fig, comp
+
+
+def gene_frequency(freq: pd.DataFrame, top: int, modality: str = "cell") -> tuple[go.Figure, pd.DataFrame]:
+    fig = px.bar(freq, x="gene", y="samples", hover_data=["share"])
+    fig.update_layout(title=f"{modality}: genes most often in a sample's top {top}", height=300,
+                      xaxis_title="gene", yaxis_title="samples")
+    return fig, freq
+
+
+def probe_html(spans: list[tuple[str | None, list[str]]], colors: dict[str, str]) -> str:
+    """The tokenised probe as HTML: each modality span on its colour with a label (paper Fig. 4).
+
+    Text is escaped; token boundaries are thin outlines; prefix/BOS text stays plain.
+    """
+    import html as _html
+
+    parts = ['<div class="esm-probe" style="font-family:monospace;line-height:2.2;word-break:break-all">']
+    for mod, toks in spans:
+        inner = "".join(f'<span style="outline:1px solid rgba(0,0,0,.18);padding:0 1px">{_html.escape(t).replace(chr(10), "↵<br>")}</span>'
+                        for t in toks)
+        if mod is None:
+            parts.append(f'<span class="esm-text">{inner}</span>')
+        else:
+            c = colors.get(mod, "#ddd")
+            parts.append(f'<span class="esm-span" data-modality="{_html.escape(mod)}" title="{_html.escape(mod)}: '
+                         f'{len(toks)} tokens" style="background:{c};border-radius:4px;padding:2px 3px">'
+                         f'<sup style="font-family:sans-serif;font-weight:600">{_html.escape(mod)}</sup>{inner}</span>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def probe_legend(colors: dict[str, str]) -> str:
+    import html as _html
+
+    return " ".join(f'<span style="background:{c};border-radius:4px;padding:1px 6px;margin-right:6px">'
+                    f'{_html.escape(m)}</span>' for m, c in colors.items())
