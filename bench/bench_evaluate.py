@@ -85,7 +85,8 @@ def main(argv=None) -> int:
 
     tmp = None
     cfg = Path(args.config) if args.config else default_config()
-    world = "demo zoo" if cfg is not None else "tiny random world (4 layers, hidden 128, char tokenizer)"
+    world = ("demo zoo" if cfg == default_config() else "run config") if cfg is not None else \
+        "tiny random world (4 layers, hidden 128, char tokenizer)"
     if cfg is None:
         tmp = tempfile.TemporaryDirectory()
         cfg = tiny_world(Path(tmp.name))

@@ -587,17 +587,21 @@ _reg(TaskDef("biosnap", "BioSNAP", "Molecule-protein interaction",
 _reg(TaskDef("human", "Human", "Molecule-protein interaction",
              ("public/dti/human_random_train.csv", "public/dti/human_random_test.csv"),
              _dti_loader("human_random", "Human", ("train",))))
-_reg(TaskDef("gdsc2", "GDSC2", "Molecule-cell", ("registry/gdsc2/gdsc2_ln_ic50.csv.gz",),
+_GDSC_REG = ("registry/gdsc2/gdsc2_drug_smiles.tsv", "registry/gdsc2/cell_line_top100_genes.tsv")
+_reg(TaskDef("gdsc2", "GDSC2", "Molecule-cell", ("registry/gdsc2/gdsc2_ln_ic50.csv.gz", *_GDSC_REG),
              lambda d, **kw: gdsc2_task(d, labels="z", **kw)))
-_reg(TaskDef("gdsc2_iorio", "GDSC2 (Iorio)", "Molecule-cell", ("public/gdsc2/gdsc2_iorio_labels.csv.gz",),
+_reg(TaskDef("gdsc2_iorio", "GDSC2 (Iorio)", "Molecule-cell", ("public/gdsc2/gdsc2_iorio_labels.csv.gz", *_GDSC_REG),
              lambda d, **kw: gdsc2_task(d, labels="iorio", **kw)))
-_reg(TaskDef("drugcomb", "DrugComb (O'Neil)", "Molecule-cell", ("public/drugcomb/oneil_loewe_triples.csv",),
+_reg(TaskDef("drugcomb", "DrugComb (O'Neil)", "Molecule-cell",
+             ("public/drugcomb/oneil_loewe_triples.csv", "public/drugcomb/oneil_drug_smiles.tsv", _GDSC_REG[1]),
              lambda d, **kw: drugcomb_task(d, **kw)))
 for _e in CYP_ENZYMES:
-    _reg(TaskDef(_e.lower(), _e, "CYP inhibition", (f"public/cyp/{_e.lower()}_veith.tab",), _cyp_loader(_e, "inhibition")))
+    _reg(TaskDef(_e.lower(), _e, "CYP inhibition", (f"public/cyp/{_e.lower()}_veith.tab", "public/cyp/cyp_enzymes.tsv"),
+                 _cyp_loader(_e, "inhibition")))
 for _e in ("CYP2C9", "CYP2D6", "CYP3A4"):
     _reg(TaskDef(f"{_e.lower()}_substrate", _e, "CYP substrate",
-                 (f"public/cyp/{_e.lower()}_substrate_carbonmangels.tab",), _cyp_loader(_e, "substrate")))
+                 (f"public/cyp/{_e.lower()}_substrate_carbonmangels.tab", "public/cyp/cyp_enzymes.tsv"),
+                 _cyp_loader(_e, "substrate")))
 
 SUITES: dict[str, list[str]] = {
     # our reading of the paper's tables: Table 1 cross-modal interaction, Table 2 CYP
@@ -609,6 +613,17 @@ SUITES["all"] = SUITES["table1"] + SUITES["table2"]
 
 def list_tasks() -> list[TaskDef]:
     return list(TASKS.values())
+
+
+def task_table(data_dir: str | Path | None = None) -> list[dict]:
+    """One row per registered task: name, title, group, files and whether they are all present (for the app)."""
+    d = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()
+    rows = []
+    for t in TASKS.values():
+        missing = [f for f in t.files if d is None or not (d / f).is_file()]
+        rows.append(dict(name=t.name, title=t.title, group=t.group, files=list(t.files), available=not missing,
+                         missing=missing))
+    return rows
 
 
 def expand_names(names: list[str] | str) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 from esm_core.errors import ESMError
 from esm_core.prompts import ANSWER_MARK, Item
 from esm_core.tasks import (DATA_ENV, MissingData, cyp_task, default_data_dir, drugcomb_task, expand_names,
-                            gdsc2_task, load_task, load_tasks, molecule_protein_task, split_indices)
+                            gdsc2_task, load_task, load_tasks, molecule_protein_task, split_indices, task_table)
 
 PROT = "MKTAYIAKQRQISFVKSHFSRQ"
 PROT2 = "MALWMRLLPLLALLALWGPDP"
@@ -227,3 +227,12 @@ def test_protein_residues_cut_in_prompts_only(tmp_path):
     prots = [s.raw for s in p.segments if isinstance(s, Item) and s.modality == "protein"]
     assert prots == [long_a[:30], long_a[:30]]
     assert p.meta["chosen"][0].index == 0 and p.meta["chosen"][0].reason == "same protein"  # whole sequences compared
+
+
+def test_task_table_reports_availability(tmp_path):
+    dti_csv(tmp_path / "public/dti/human_random_train.csv", [("CCO", PROT, 1)])
+    rows = {r["name"]: r for r in task_table(tmp_path)}
+    assert rows["human"]["missing"] == ["public/dti/human_random_test.csv"] and not rows["human"]["available"]
+    dti_csv(tmp_path / "public/dti/human_random_test.csv", [("CCO", PROT, 1)])
+    rows = {r["name"]: r for r in task_table(tmp_path)}
+    assert rows["human"]["available"] and not rows["cyp2d6"]["available"] and len(rows) == 14
