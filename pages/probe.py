@@ -18,7 +18,6 @@ from esm_core.errors import ESMError
 from esm_core.preview import (KIND_WORDS, column_samples, gene_frequency, gene_table, guess_column,
                               molecule_grid_svg, protein_stats, read_upload, span_counts, token_spans)
 from esm_core.probe import build_probes, sample_modality
-from esm_core.samples import validate
 from ui import figures, state
 from ui.widgets import guard, show_figure
 
@@ -136,7 +135,7 @@ with guard():
     cfg = state.method()
     raw = state.samples()
     mods = [m.name for m in sp.modalities]
-    reports = {m.name: validate(list(raw.get(m.name, [])), m.kind) for m in sp.modalities}
+    reports = state.sample_reports()
     src = state.sample_sources()
 
     probes = batcher = None

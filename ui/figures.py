@@ -253,7 +253,7 @@ def probe_html(spans: list[tuple[str | None, list[str]]], colors: dict[str, str]
             c = colors.get(mod, "#ddd")
             parts.append(f'<span class="esm-span" data-modality="{_html.escape(mod)}" title="{_html.escape(mod)}: '
                          f'{len(toks)} tokens" style="background:{c};border-radius:4px;padding:2px 3px">'
-                         f'<sup style="font-family:sans-serif;font-weight:600">{_html.escape(mod)}</sup>{inner}</span>')
+                         f'<sup style="font-family:sans-serif;font-weight:600;font-size:70%;margin-right:3px">{_html.escape(mod)}</sup>{inner}</span>')
     parts.append("</div>")
     return "".join(parts)
 

@@ -437,3 +437,17 @@ def apply_spec(new: RunSpec):
         read_probe_samples(new)
         set_spec(new)
     return v
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _reports(key: str, _kinds: tuple, _samples: dict):
+    from esm_core.samples import validate
+
+    return {name: validate(list(_samples.get(name, [])), kind) for name, kind in _kinds}
+
+
+def sample_reports() -> dict:
+    """Validation report (valid values, bad rows with reasons) of every modality's current samples,
+    cached by the samples and the modality kinds."""
+    kinds = tuple((m.name, m.kind) for m in spec().modalities)
+    return _reports(f"{samples_key()}:{_digest(kinds)}", kinds, samples())
