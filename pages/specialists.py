@@ -38,14 +38,20 @@ def _show_verdict(v) -> None:
             st.error(f"**{c.name}**: {c.detail}" + (f"  \nFix: {c.fix}" if c.fix else ""))
 
 
-def _bump_form() -> None:
-    st.session_state["spf_ver"] = st.session_state.get("spf_ver", 0) + 1
+def _form_version(sp: RunSpec) -> int:
+    """Form widgets are keyed by a version that changes with the run, so the form always shows the
+    current run (after applying, resetting, or loading a session) rather than stale inputs."""
+    key = state.spec_key(sp)
+    if st.session_state.get("spf_for") != key:
+        if "spf_for" in st.session_state:
+            st.session_state["spf_ver"] = st.session_state.get("spf_ver", 0) + 1
+        st.session_state["spf_for"] = key
+    return st.session_state.get("spf_ver", 0)
 
 
 def _apply(new: RunSpec, what: str) -> None:
     v = state.apply_spec(new)
     if v.ok:
-        _bump_form()
         st.session_state["spf_msg"] = f"Applied {what}: {len(new.specialists)} specialists, modalities " \
                                       f"{', '.join(m.name for m in new.modalities)}."
         st.rerun()
@@ -115,7 +121,6 @@ with c2:
     if st.button("Reset to the demo zoo", key="sp_reset"):
         with guard():
             state.set_spec(state.demo_spec())
-            _bump_form()
             st.session_state["spf_msg"] = "Back to the demo zoo."
             st.rerun()
 with c1:
@@ -128,7 +133,7 @@ with c1:
 
 with guard():
     sp = state.spec()
-    ver = st.session_state.get("spf_ver", 0)
+    ver = _form_version(sp)
     k = f"spf{ver}_"
     cK, cM = st.columns(2)
     K = int(cK.number_input("specialists (K)", min_value=2, max_value=16, value=len(sp.specialists), key=k + "K"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import CELLS, MOLECULES, PROTEINS
 from esm_core.config import load_run_spec
+from esm_core.samples import read_table
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "assets" / "zoo" / "run.yaml"
@@ -34,8 +34,8 @@ def tiny_run(world, tmp_path_factory):
                                                       + BAD_MOLECULES[1:]) + "\n")
     (d / "prot.csv").write_text("seq\n" + "\n".join(PROTEINS + ["MK1A"]) + "\n")
     (d / "cell.csv").write_text("genes\n" + "\n".join(CELLS) + "\n")
-    mods = [("molecule", "Molecule: ", "smiles", "mol.csv", "smiles"), ("protein", "Protein: ", "protein", "prot.csv", "seq"),
-            ("cell", "Cell: ", "genes", "cell.csv", "genes")]
+    mods = [("molecule", "Molecule: ", "smiles", "mol.csv", "smiles"),
+            ("protein", "Protein: ", "protein", "prot.csv", "seq"), ("cell", "Cell: ", "genes", "cell.csv", "genes")]
     cfg = dict(base=str(world["base"]),
                specialists=[dict(name=n, adapter=str(world["adapters"][n]), modality=m)
                             for n, m in [("mol", "molecule"), ("prot", "protein"), ("cell", "cell")]],
@@ -78,8 +78,7 @@ def _errors(at) -> str:
 
 
 def _file_rows(m) -> list[str]:
-    return pd.read_csv(m.data.path, sep="\t" if m.data.path.endswith((".tsv", ".txt")) else ",", dtype=str,
-                       keep_default_na=False)[m.data.column].tolist()
+    return read_table(m.data.path, required=[m.data.column])[m.data.column].tolist()
 
 
 class _Spans(HTMLParser):

@@ -32,8 +32,8 @@ def extra(world, tmp_path_factory):
     (d / "mol.csv").write_text("smiles\n" + "\n".join(MOLECULES) + "\n")
     (d / "prot.csv").write_text("seq\n" + "\n".join(PROTEINS) + "\n")
     (d / "cell.csv").write_text("genes\n" + "\n".join(CELLS) + "\n")
-    mods = [("molecule", "Molecule: ", "smiles", "mol.csv", "smiles"), ("protein", "Protein: ", "protein", "prot.csv", "seq"),
-            ("cell", "Cell: ", "genes", "cell.csv", "genes")]
+    mods = [("molecule", "Molecule: ", "smiles", "mol.csv", "smiles"),
+            ("protein", "Protein: ", "protein", "prot.csv", "seq"), ("cell", "Cell: ", "genes", "cell.csv", "genes")]
     cfg = dict(base=str(world["base"]),
                specialists=[dict(name=n, adapter=str(world["adapters"][n]), modality=m)
                             for n, m in [("mol", "molecule"), ("prot", "protein"), ("cell", "cell")]],
