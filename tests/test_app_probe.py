@@ -15,16 +15,19 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from streamlit.testing.v1 import AppTest
 
 from conftest import CELLS, MOLECULES, PROTEINS
 from esm_core.config import load_run_spec
+from esm_core.encoders import SoftTokenEncoder, SoftTokenProjector
 from esm_core.samples import read_table
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "assets" / "zoo" / "run.yaml"
 BAD_MOLECULES = ["not((", "C1CC"]  # unparsable, unclosed ring
+SOFT_TOKENS, CELL_CAP = 4, 5  # every cell sample of conftest is longer than CELL_CAP characters
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +37,9 @@ def tiny_run(world, tmp_path_factory):
                                                       + BAD_MOLECULES[1:]) + "\n")
     (d / "prot.csv").write_text("seq\n" + "\n".join(PROTEINS + ["MK1A"]) + "\n")
     (d / "cell.csv").write_text("genes\n" + "\n".join(CELLS) + "\n")
+    # like the zoo: molecules through a soft-token encoder, cells capped at a few tokens
+    torch.manual_seed(0)
+    SoftTokenEncoder("morgan", {}, SoftTokenProjector(2048, 16, SOFT_TOKENS, 32)).save(d / "mol_enc")
     mods = [("molecule", "Molecule: ", "smiles", "mol.csv", "smiles"),
             ("protein", "Protein: ", "protein", "prot.csv", "seq"), ("cell", "Cell: ", "genes", "cell.csv", "genes")]
     cfg = dict(base=str(world["base"]),
@@ -41,6 +47,8 @@ def tiny_run(world, tmp_path_factory):
                             for n, m in [("mol", "molecule"), ("prot", "protein"), ("cell", "cell")]],
                modalities=[dict(name=n, prefix=p, kind=k, data=dict(path=f, column=c)) for n, p, k, f, c in mods],
                method=dict(probes_per_modality=12, batch_size=4))
+    cfg["modalities"][0]["encoder"] = dict(type="soft_token", path="mol_enc")
+    cfg["modalities"][2]["max_tokens"] = CELL_CAP
     (d / "run.yaml").write_text(yaml.safe_dump(cfg))
     return d / "run.yaml"
 
@@ -147,6 +155,7 @@ def test_counts_previews_and_tokenised_probe(at, demo):
     assert used == {min(cfg.probes_per_modality, int(counts["valid"].min()))}  # joint: one sample of each
     if not ZOO.is_file():
         assert counts["bad"].tolist() == [2, 1, 0]
+        assert counts["truncated"].tolist() == [0, 0, 12]  # char tokenizer: every cell is over CELL_CAP
         bad = next(d.value for d in at.dataframe if "reason" in d.value.columns)
         assert bad["row"].tolist() == [6, 17] and bad["raw"].tolist() == BAD_MOLECULES
         assert set(bad["reason"]) == {"RDKit cannot parse this SMILES"}
@@ -162,6 +171,8 @@ def test_counts_previews_and_tokenised_probe(at, demo):
     # tokenised probe 0: one highlighted span per modality, in probe order, holding the sample it names
     spans = _spans(at)
     assert [s[0] for s in spans] == [m.name for m in demo.modalities]
+    if not ZOO.is_file():
+        assert spans[0][1] == [f"<tok{i}>" for i in range(SOFT_TOKENS)] and len(spans[2][1]) == CELL_CAP
     holds = _holds(at)
     for m, (name, toks) in zip(demo.modalities, spans):
         _check_span(m, toks, _file_rows(m)[holds[name]])
