@@ -26,6 +26,12 @@ st.caption("A probe is a short prefix naming each modality followed by its token
            "(METHOD.md §1). The base and every specialist see the same probes; only the adapters differ.")
 
 
+def _clamp(key: str, hi: int) -> None:
+    """Keep a kept widget value inside a range that shrank (fewer probes or samples than before)."""
+    if key in st.session_state and st.session_state[key] > hi:
+        st.session_state[key] = hi
+
+
 # ------------------------------------------------------------------------------------ settings
 def settings(cfg: MethodConfig) -> None:
     with st.form("pr_settings"):
@@ -53,7 +59,9 @@ def preview(kind: str, name: str, values: list[str]) -> None:
         st.info("No valid samples to preview.")
         return
     if kind == "smiles":
-        k = st.slider("molecules to draw", 1, min(24, len(values)), min(8, len(values)), key=f"pr_nmol_{name}")
+        _clamp(f"pr_nmol_{name}", min(24, len(values)))
+        k = st.slider("molecules to draw", 1, max(2, min(24, len(values))), min(8, len(values)), key=f"pr_nmol_{name}")
+        k = min(k, len(values))
         svg = molecule_grid_svg(values[:k], legends=[f"#{i}" for i in range(k)])
         st.image(svg, caption=f"The first {k} {name} samples in use (RDKit)")
         c1, c2, _ = st.columns([1, 1, 4])
@@ -192,6 +200,7 @@ with guard():
     if batcher is None:
         st.info("The tokenised probe appears once the samples above give a valid probe set.")
     else:
+        _clamp("pr_index", probes.n_probes - 1)
         i = int(st.number_input("probe", min_value=0, max_value=probes.n_probes - 1, value=0, key="pr_index",
                                 help=f"0 .. {probes.n_probes - 1}"))
         toks = batcher.tokens(i)

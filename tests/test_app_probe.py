@@ -201,6 +201,12 @@ def test_settings_count_seed_and_separate_layout(at, demo):
     at.number_input(key="pr_index").set_value(9 * M - 1).run()
     assert [s[0] for s in _spans(at)] == [demo.modalities[-1].name]
     assert _holds(at).keys() == {demo.modalities[-1].name}
+    # back to fewer probes: the chosen index is kept inside the new range
+    at.radio(key="pr_layout").set_value("joint")
+    next(b for b in at.button if b.label == "Apply settings").click()
+    at.run()
+    _ok(at)
+    assert at.number_input(key="pr_index").value == 8 and len(_spans(at)) == M
 
 
 def test_upload_wrong_column_bad_rows_and_size_limit(at, demo):
