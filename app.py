@@ -9,6 +9,8 @@ specialists, device, preset) and saves/loads a whole session. The pages are thin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 st.set_page_config(page_title="ES-Merging workbench", page_icon="🧬", layout="wide")
@@ -34,7 +36,8 @@ def sidebar() -> None:
         st.markdown("### Workspace")
         with guard():
             sp = state.spec()
-            st.caption(f"**base** `{sp.base.rsplit('/', 2)[-2] + '/' + sp.base.rsplit('/', 1)[-1] if '/' in sp.base else sp.base}`")
+            base = Path(sp.base)
+            st.caption(f"**base** `{base.parent.name}/{base.name}`")
             st.caption("**specialists** " + ", ".join(f"{s.name} ({s.modality or '–'})" for s in sp.specialists))
             st.caption(f"**device** {state.device_label()}")
             m = state.method()
@@ -47,7 +50,8 @@ def sidebar() -> None:
 
         with guard():
             if state.base_result() is not None:
-                st.download_button("Save session", data=session_io.session_bytes(), file_name="esm_session.safetensors",
+                data = session_io.session_bytes(state.spec(), state.method(), state.samples(), state.base_result())
+                st.download_button("Save session", data=data, file_name="esm_session.safetensors",
                                    mime="application/octet-stream", help="Selection, settings, signals and "
                                    "coefficients in one file (safetensors).", key="save_session")
             up = st.file_uploader("Load session", type=["safetensors"], key="load_session",
@@ -59,5 +63,5 @@ def sidebar() -> None:
 
 
 nav = st.navigation(PAGES)
-sidebar()
 nav.run()
+sidebar()  # after the page, so it shows what the page just computed

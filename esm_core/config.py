@@ -137,6 +137,7 @@ class MethodConfig:
     def from_preset(cls, preset: str = DEFAULT_PRESET, **overrides) -> "MethodConfig":
         if preset not in PRESETS:
             raise ESMError(f"Unknown preset {preset!r}.", fix=f"use one of {sorted(PRESETS)}.")
+        overrides = {k: v for k, v in overrides.items() if k != "overridden"}  # recorded, not set
         names = {f.name for f in fields(cls)}
         bad = sorted(set(overrides) - names)
         if bad:

@@ -41,8 +41,7 @@ with guard():
     st.subheader("Run")
     st.caption("Runs the full estimation on the current selection with a live progress display. "
                "Clicking anything else while it runs cancels it.")
-    if run_button():
-        st.rerun()
+    run_button()
 
     res = state.result()
     if res is not None:

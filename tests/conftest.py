@@ -66,3 +66,39 @@ def workspace(world):
     from esm_core.pipeline import Workspace
 
     return Workspace.from_spec(make_spec(world), samples=SAMPLES)
+
+
+ZOO_RUN = ROOT / "assets" / "zoo" / "run.yaml"
+
+
+@pytest.fixture(scope="session")
+def app_run_yaml(world, tmp_path_factory):
+    """The run config the app starts on: the committed demo zoo, else the tiny world written out."""
+    if ZOO_RUN.is_file():
+        return ZOO_RUN
+    import yaml
+
+    d = tmp_path_factory.mktemp("app_world")
+    (d / "mol.csv").write_text("smiles\n" + "\n".join(MOLECULES) + "\n")
+    (d / "prot.csv").write_text("seq\n" + "\n".join(PROTEINS) + "\n")
+    (d / "cell.csv").write_text("genes\n" + "\n".join(CELLS) + "\n")
+    mods = [("molecule", "Molecule: ", "smiles", "mol.csv", "smiles"),
+            ("protein", "Protein: ", "protein", "prot.csv", "seq"), ("cell", "Cell: ", "genes", "cell.csv", "genes")]
+    cfg = dict(base=str(world["base"]),
+               specialists=[dict(name=n, adapter=str(world["adapters"][n]), modality=m)
+                            for n, m in [("mol", "molecule"), ("prot", "protein"), ("cell", "cell")]],
+               modalities=[dict(name=n, prefix=p, kind=k, data=dict(path=f, column=c)) for n, p, k, f, c in mods],
+               method=dict(probes_per_modality=12, batch_size=4))
+    (d / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return d / "run.yaml"
+
+
+@pytest.fixture
+def app_env(monkeypatch, world, app_run_yaml):
+    """Environment for AppTest: the demo spec and the allowed roots."""
+    monkeypatch.setenv("ESM_ALLOWED_ROOTS", os.pathsep.join([str(app_run_yaml.parent), str(world["dir"])]))
+    if app_run_yaml == ZOO_RUN:
+        monkeypatch.delenv("ESM_DEMO_SPEC", raising=False)
+    else:
+        monkeypatch.setenv("ESM_DEMO_SPEC", str(app_run_yaml))
+    return app_run_yaml

@@ -4,12 +4,14 @@ The file holds the computed signals and coefficients (tensors) and, in its metad
 (run spec), the method config and the probe samples, so an instructor can prepare a workshop and
 students start from the same state:
 
-    data = session_bytes()          # -> bytes for st.download_button
-    restore_session(uploaded_bytes) # -> puts spec, config, samples and the result back in place
+    data = session_bytes(spec, cfg, samples, result)   # -> bytes for st.download_button
+    spec, cfg, samples, result = read_session(data)    # checks, nothing executed
+    restore_session(data)                              # the same, put back into the app's state
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -25,27 +27,27 @@ SESSION_FORMAT = "esm_workbench.session/1"
 MAX_SESSION_BYTES = 200 * 2**20
 
 
-def session_bytes() -> bytes:
+def session_bytes(spec, cfg, samples: dict, res) -> bytes:
     from safetensors.torch import save
 
     from esm_core.pipeline import result_metadata, result_tensors
 
-    res = state.base_result()
     if res is None:
         raise ESMError("There is nothing to save yet.", fix="run ES-Merging first.")
     meta = result_metadata(res)
-    sp = run_spec_to_dict(state.spec())
+    sp = run_spec_to_dict(spec)
     sp.pop("source", None)
     meta.update({
         "session_format": SESSION_FORMAT,
         "session_spec": json.dumps(sp, default=str),
-        "session_method": json.dumps(state.method().resolved()),
-        "session_samples": json.dumps(state.samples()),
+        "session_method": json.dumps(cfg.resolved()),
+        "session_samples": json.dumps(samples),
     })
     return save(result_tensors(res, include_states=True), metadata=meta)
 
 
-def restore_session(data: bytes) -> None:
+def read_session(data: bytes):
+    """(spec, method config, samples, result) from session bytes; refuses anything else."""
     from safetensors import safe_open
 
     from esm_core.config import MethodConfig
@@ -70,9 +72,15 @@ def restore_session(data: bytes) -> None:
     md = json.loads(meta["session_method"])
     preset = md.pop("preset")
     md.pop("overridden", None)
-    spec.method = MethodConfig.from_preset(preset, **md)
+    cfg = MethodConfig.from_preset(preset, **md)
+    spec.method = cfg
+    return spec, cfg, json.loads(meta["session_samples"]), res
+
+
+def restore_session(data: bytes) -> None:
+    spec, cfg, samples, res = read_session(data)
     state.set_spec(spec)  # checks allowed roots
-    state.set_samples(json.loads(meta["session_samples"]))
-    state.set_method(spec.method)
-    state.set_loaded_result(res, key=f"session:{hash(data) & 0xffffffff:x}")
+    state.set_samples(samples)
+    state.set_method(cfg)
+    state.set_loaded_result(res, key=f"session:{hashlib.sha256(data).hexdigest()[:16]}")
     st.session_state["merges"] = {}

@@ -181,11 +181,30 @@ def run_key(cfg: MethodConfig | None = None) -> str:
     return f"{spec_key(spec())}:{samples_key()}:{cfg.fingerprint(*_PASS)}:{int(need_element)}"
 
 
-@st.cache_resource(show_spinner=False, max_entries=6)
-def _estimate(key: str, _ws, _cfg: MethodConfig, _progress=None):
+@st.cache_resource(show_spinner=False)
+def _store() -> dict:
+    """Process-wide store of estimation results by run key (shared by sessions, read-only objects).
+
+    A plain dict rather than a cached function: the estimation reports progress into page elements,
+    and Streamlit must not record those calls for replay."""
+    return {}
+
+
+_MAX_RESULTS = 6
+
+
+def _estimate(key: str, ws, cfg: MethodConfig, progress=None):
     from esm_core.pipeline import estimate
 
-    return estimate(_ws, _cfg, progress=_progress)
+    store = _store()
+    if key in store:
+        store[key] = store.pop(key)  # most recently used last
+        return store[key]
+    res = estimate(ws, cfg, progress=progress)
+    store[key] = res
+    while len(store) > _MAX_RESULTS:
+        store.pop(next(iter(store)))
+    return res
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)

@@ -117,7 +117,7 @@ def need_result(page: str):
     else:
         st.info("Nothing computed yet for this selection.")
     if run_button(key=f"run_{page}"):
-        st.rerun()
+        return state.result()
     return None
 
 
@@ -126,3 +126,45 @@ def preset_badge(res) -> None:
                f"τ_elem={res.config.tau_elem} · z-score scope **{res.config.zscore_scope}** · "
                f"{res.probe_summary.get('n_probes', '?')} probes · {res.config.n_projections} projections"
                + (f" · overridden: {', '.join(res.config.overridden)}" if res.config.overridden else ""))
+
+
+def _float_step(default: float) -> float:
+    """A step one decimal below the default's magnitude (0.4 -> 0.01, 1e-3 -> 1e-4, 1.0 -> 0.1)."""
+    import math
+
+    if not default:
+        return 0.01
+    return 10.0 ** (math.floor(math.log10(abs(float(default)))) - 1)
+
+
+def param_controls(method, key_prefix: str) -> dict:
+    """Widgets generated from a merge method's Param metadata (esm_core.merge.Param), with its help
+    strings; returns {name: value}. Keys are per method, so switching methods keeps each one's values."""
+    params = list(method.params)
+    if not params:
+        st.caption(f"{method.pretty} has no parameters.")
+        return {}
+    out = {}
+    cols = st.columns(min(3, len(params)))
+    for i, p in enumerate(params):
+        col = cols[i % len(cols)]
+        k = f"{key_prefix}_{method.name}_{p.name}"
+        lo = None if p.min is None else p.min
+        hi = None if p.max is None else p.max
+        if p.kind == "bool":
+            out[p.name] = col.checkbox(p.name, value=bool(p.default), help=p.help, key=k)
+        elif p.kind == "choice":
+            choices = list(p.choices)
+            out[p.name] = col.selectbox(p.name, choices, index=choices.index(p.default) if p.default in choices else 0,
+                                        format_func=lambda c: "(empty)" if c == "" else str(c), help=p.help, key=k)
+        elif p.kind == "int":
+            out[p.name] = int(col.number_input(p.name, min_value=None if lo is None else int(lo),
+                                               max_value=None if hi is None else int(hi), value=int(p.default),
+                                               step=1, help=p.help, key=k))
+        elif p.kind == "float":
+            out[p.name] = float(col.number_input(p.name, min_value=None if lo is None else float(lo),
+                                                 max_value=None if hi is None else float(hi), value=float(p.default),
+                                                 step=_float_step(p.default), format="%g", help=p.help, key=k))
+        else:
+            out[p.name] = col.text_input(p.name, value=str(p.default), help=p.help, key=k)
+    return out

@@ -1,0 +1,137 @@
+"""AppTest of the analysis pages (Overview, Layer signals, Element signals, Embeddings, Explain).
+
+Each test runs the app on the demo zoo (or the tiny world when the zoo is absent), computes once
+(st.cache_resource keeps the result for the whole test session) and checks that what the page
+shows equals the result held in the session (values, not only "no exception").
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from conftest import ROOT
+
+
+def _ok(at):
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def _computed_app(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
+    at.run()
+    _ok(at)
+    at.button(key="run").click().run()
+    _ok(at)
+    if page:
+        at.switch_page(f"pages/{page}.py").run()
+        _ok(at)
+    return at
+
+
+def _figures(at) -> list[dict]:
+    return [json.loads(p.proto.spec) for p in at.get("plotly_chart")]
+
+
+def _arr(v) -> np.ndarray:
+    """A plotly JSON array: a list, or a typed array {dtype, bdata (base64), shape}."""
+    if isinstance(v, dict) and "bdata" in v:
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+        return a.reshape([int(x) for x in str(v["shape"]).split(",")]) if "shape" in v else a
+    return np.asarray(v, dtype=float)
+
+
+def test_overview_runs_and_reports(app_env):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
+    at.run()
+    _ok(at)
+    names = list(at.dataframe[0].value["name"])
+    assert at.title[0].value == "ES-Merging workbench" and len(names) >= 2
+    assert at.session_state["base_result"] is None if "base_result" in at.session_state else True
+    at.button(key="run").click().run()
+    _ok(at)
+    res = at.session_state["base_result"]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["probes"] == str(res.probe_summary["n_probes"])
+    assert metrics["LoRA factors"] == str(len(res.lam))
+    mean_lam = next(d.value for d in at.dataframe if "specialist" in d.value.columns and "block 1" in d.value.columns)
+    assert list(mean_lam["specialist"]) == res.specialists
+    assert np.allclose(mean_lam.drop(columns="specialist").sum(axis=0).to_numpy(), 1.0, atol=2e-3)
+    figs = _figures(at)
+    heat = next(f for f in figs if "α per block" in f["layout"]["title"]["text"])
+    assert np.allclose(_arr(heat["data"][0]["z"]), res.layer.alpha.numpy().T, atol=1e-6)
+    # the session file round-trips what the sidebar saves (AppTest does not rerun the sidebar script)
+    from ui.session_io import read_session, session_bytes
+
+    sp, cfg, samples = at.session_state["spec"], at.session_state["method"], at.session_state["samples"]
+    data = session_bytes(sp, cfg, samples, res)
+    sp2, cfg2, samples2, res2 = read_session(data)
+    assert cfg2 == cfg and samples2 == samples and [s.name for s in sp2.specialists] == res.specialists
+    for k in res.lam:
+        assert torch.equal(res2.lam[k], res.lam[k])
+    assert torch.equal(res2.states.pooled[res.modalities[0]], res.states.pooled[res.modalities[0]])
+    with pytest.raises(Exception, match="not a safetensors session file|not a workbench session"):
+        read_session(b"not a session")
+
+
+def test_layer_page_shows_alpha_and_temperature_rederives(app_env):
+    at = _computed_app("layer_signals")
+    res = at.session_state["base_result"]
+    figs = _figures(at)
+    swd = next(f for f in figs if "Sliced Wasserstein" in f["layout"]["title"]["text"])
+    ys = np.concatenate([_arr(t["y"]) for t in swd["data"]])
+    assert np.isclose(ys.max(), float(res.layer.D.max()), rtol=1e-5)
+    tau = at.number_input(key="layer_tau_layer")
+    tau.set_value(3.0).run()
+    _ok(at)
+    cfg = at.session_state["method"]
+    assert cfg.tau_layer == 3.0 and at.session_state["base_result"] is res  # no new pass
+    heat = next(f for f in _figures(at) if "α per block" in f["layout"]["title"]["text"])
+    expect = torch.softmax(res.layer.s.double() / 3.0, dim=0).numpy().T
+    assert np.allclose(_arr(heat["data"][0]["z"]), expect, atol=1e-5)
+    at.button(key="ls_sweep_btn").click().run()
+    _ok(at)
+    assert any("Table 7" in f["layout"]["title"]["text"] for f in _figures(at))
+
+
+def test_element_page_tables_match_result(app_env):
+    at = _computed_app("element_signals")
+    res = at.session_state["base_result"]
+    df = next(d.value for d in at.dataframe if "spread of z" in d.value.columns)
+    key = sorted(res.lam)[0]  # the first block/module/A is selected by default
+    for _, row in df.head(5).iterrows():
+        for k, n in enumerate(res.specialists):
+            assert row[f"λ·{n}"] == pytest.approx(float(res.lam[key][k, int(row["row"]), int(row["col"])]), abs=1e-4)
+    assert df["spread of z"].is_monotonic_decreasing
+    at.radio(key="el_ab").set_value("B").run()
+    _ok(at)
+    assert any(".lora_B`" in c.value for c in at.caption)
+
+
+def test_embeddings_page_maps_every_model(app_env):
+    at = _computed_app("embeddings")
+    res = at.session_state["base_result"]
+    fig = next(f for f in _figures(at) if "PCA" in f["layout"]["title"]["text"])
+    n_points = sum(len(_arr(t["x"])) for t in fig["data"])
+    n_samples = res.states.pooled[res.modalities[0]].shape[2]
+    assert n_points == (1 + len(res.specialists)) * n_samples
+    assert any("centroid" in c.value for c in at.caption)
+
+
+def test_explain_page_traces_to_the_stored_lambda(app_env):
+    at = _computed_app("explain")
+    res = at.session_state["base_result"]
+    at.selectbox(key="ex_spec").set_value(res.specialists[1]).run()
+    at.number_input(key="ex_row").set_value(1).run()
+    _ok(at)
+    key = sorted(res.lam)[0]
+    lam = float(res.lam[key][1, 1, 0])
+    head = next(h.value for h in at.header if h.value.startswith("λ ="))
+    assert float(head.split("=")[1]) == pytest.approx(lam, rel=1e-3, abs=1e-6)
+    assert len(at.get("latex")) >= 6
