@@ -411,3 +411,106 @@ def build_manifest(sset, *, spec=None, es_result=None, out: MergeOutput | None =
     if out is not None:
         man["merge"] = {k: v for k, v in out.info.items()}
     return man
+
+
+# ------------------------------------------------------------------------------------ for the app
+def merged_files(out: MergeOutput, sset, *, spec=None, es_result=None, folded: bool = False,
+                 scalings: dict | None = None, manifest_extra: dict | None = None) -> dict[str, bytes]:
+    """Every file of the merged adapter directory (``write_merged`` into a temporary directory), by
+    relative path: adapter_config.json, adapter_model.safetensors, coefficients.safetensors (when the
+    method has coefficients), encoders.json + encoders/..., manifest.json. Nothing is left on disk."""
+    ctx = MergeContext(names=list(sset.names), tensors={}, folded=bool(folded), scalings=dict(scalings or {}))
+    with tempfile.TemporaryDirectory(prefix="esm_merged_") as tmp:
+        d = write_merged(Path(tmp) / "merged", out, sset, spec=spec, es_result=es_result, ctx=ctx,
+                         manifest_extra=manifest_extra)
+        return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def zip_files(files: dict[str, bytes], folder: str = "") -> bytes:
+    """A zip (in memory) of relative path -> bytes, all under ``folder/`` when given."""
+    import io
+    import zipfile
+
+    prefix = folder.strip("/") + "/" if folder.strip("/") else ""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for rel in sorted(files):
+            if rel.startswith("/") or ".." in Path(rel).parts:
+                raise ValueError(f"not a relative path inside the archive: {rel!r}")
+            z.writestr(prefix + rel, files[rel])
+    return buf.getvalue()
+
+
+def zip_merged(out: MergeOutput, sset, *, folder: str = "merged", **kw) -> bytes:
+    """The merged adapter directory as a zip: unzipped, ``folder/`` loads with stock
+    ``PeftModel.from_pretrained(base, folder)``. Keywords as :func:`merged_files`."""
+    return zip_files(merged_files(out, sset, **kw), folder)
+
+
+def _top_labels(c: torch.Tensor, tol: float) -> torch.Tensor:
+    """[K, N] -> [N] index of the largest coefficient, -1 where the largest is tied (within tol)."""
+    if c.shape[0] == 1:
+        return torch.zeros(c.shape[1], dtype=torch.long)
+    top2 = torch.topk(c, 2, dim=0)
+    lab = top2.indices[0].clone()
+    lab[(top2.values[0] - top2.values[1]) <= tol] = -1
+    return lab
+
+
+def compare_coefficients(c1, c2, names: list[str], *, tol: float = 1e-7) -> tuple[list[dict], dict]:
+    """Compare two merges' per-element coefficients over the same elements.
+
+    ``c1``, ``c2``: a [K, *shape] tensor each, or lists of them (several factors, compared together).
+    Returns (one row per specialist: mean lambda of each merge, mean and max |lambda1 - lambda2|;
+    overall: number of elements, share where the top specialist differs, shares of ties). The top
+    specialist of an element is the one with the largest lambda; where the largest is tied (within
+    ``tol``, e.g. an entry every specialist trimmed to 0) it is "tie", a label of its own.
+    """
+    def flat(c):
+        cs = c if isinstance(c, (list, tuple)) else [c]
+        return torch.cat([torch.as_tensor(x).detach().float().reshape(len(names), -1) for x in cs], dim=1)
+
+    a, b = flat(c1), flat(c2)
+    if a.shape != b.shape:
+        raise ESMError(f"The two coefficient sets cover different elements ({tuple(a.shape)} vs {tuple(b.shape)}).",
+                       fix="compare merges of the same specialists.")
+    d = (a - b).abs()
+    rows = [dict(specialist=n, mean_1=float(a[k].mean()), mean_2=float(b[k].mean()),
+                 mean_abs_diff=float(d[k].mean()), max_abs_diff=float(d[k].max()))
+            for k, n in enumerate(names)]
+    t1, t2 = _top_labels(a, tol), _top_labels(b, tol)
+    overall = dict(elements=int(a.shape[1]), top_differs=float((t1 != t2).float().mean()),
+                   ties_1=float((t1 < 0).float().mean()), ties_2=float((t2 < 0).float().mean()),
+                   mean_abs_diff=float(d.mean()))
+    return rows, overall
+
+
+def skill_training_prompts(skills: list[str], n_per_skill: int = 32, *, k: int = 2, seed: int = 0,
+                           demo_dir: str | Path | None = None) -> list:
+    """Training data for AdaMerging / fine-tuning from the demo zoo's skills: balanced questions
+    (labels alternate) whose query AND examples come from the demo data's TRAIN split, never the
+    held-out split the skill sets are scored on. ``meta["task"]`` = the skill, so learned methods batch
+    per skill."""
+    import random
+
+    from .zoo import DEMO_DIR
+    from .zoo.data import load_demo
+    from .zoo.skills import SKILL_BY_NAME, demo_pools, sample_question
+
+    unknown = [s for s in skills if s not in SKILL_BY_NAME]
+    if unknown or not skills:
+        raise ESMError(f"Unknown or no skill(s) {unknown or skills}.", fix=f"use some of {sorted(SKILL_BY_NAME)}.")
+    pools = demo_pools(load_demo(demo_dir or DEMO_DIR), "train")
+    out = []
+    for name in skills:
+        skill = SKILL_BY_NAME[name]
+        pos, neg = pools.labelled(skill)
+        if not pos or not neg:
+            raise ESMError(f"Skill {name!r} has no training sample of one of its labels.",
+                           fix="choose another skill.")
+        rng = random.Random(f"{seed}:train:{name}")
+        for i in range(int(n_per_skill)):
+            p = sample_question(skill, pools, rng, k, want=i % 2 == 0)
+            p.meta["task"] = name
+            out.append(p)
+    return out
