@@ -136,8 +136,10 @@ with guard():
     ver = _form_version(sp)
     k = f"spf{ver}_"
     cK, cM = st.columns(2)
-    K = int(cK.number_input("specialists (K)", min_value=2, max_value=max(64, len(sp.specialists)), value=len(sp.specialists), key=k + "K"))
-    M = int(cM.number_input("modalities", min_value=1, max_value=max(16, len(sp.modalities)), value=len(sp.modalities), key=k + "M"))
+    K = int(cK.number_input("specialists (K)", min_value=2, max_value=max(64, len(sp.specialists)),
+                            value=len(sp.specialists), key=k + "K"))
+    M = int(cM.number_input("modalities", min_value=1, max_value=max(16, len(sp.modalities)),
+                            value=len(sp.modalities), key=k + "M"))
     etypes = encoder_types()
     with st.form(k + "form"):
         base = st.text_input("base model directory", value=sp.base, key=k + "base",
