@@ -1,5 +1,348 @@
-"""merge page (work in progress)."""
+"""Merge: pick a merge method from the engine's registry (ES-Merging and the baselines of issue 5),
+set its parameters, run it, compare two merges' coefficient maps, download the merged adapter.
+
+Every method is Eq. 1 on the LoRA A and B factors (METHOD.md section 0); the page only calls
+``ui.state.run_merge`` (which loads the merged adapter next to the specialists, so the Query and
+Embeddings pages can use it) and the plain functions of ``esm_core.merge`` (comparison, files, zip).
+Learned methods (AdaMerging, fine-tuning) draw their prompts from a benchmark task's TRAINING rows
+(``esm_core.evaluate.training_prompts``) or from the demo zoo's skills on the demo data's train split.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
 import streamlit as st
 
-st.title("merge")
-st.info("Coming next.")
+from esm_core.errors import ESMError
+from esm_core.merge import compare_coefficients, get_method, list_methods, merged_files, zip_files
+from ui import figures, state
+from ui.widgets import guard, param_controls, preset_badge, run_button, show_figure
+
+NEEDS = {"es": "uses the ES estimation of the current selection", "model": "runs the model",
+         "data": "learns from task prompts"}
+
+
+# ------------------------------------------------------------------------------------ data sources
+def available_tasks():
+    """(data directory or None, registered tasks whose files are all there)."""
+    from esm_core.tasks import default_data_dir, list_tasks
+
+    d = default_data_dir()
+    if d is None:
+        return None, []
+    return d, [t for t in list_tasks() if all((d / f).is_file() for f in t.files)]
+
+
+def demo_available() -> bool:
+    from esm_core import zoo
+    from esm_core.zoo.data import DEMO_FILES
+
+    return all((Path(zoo.DEMO_DIR) / f).is_file() for f in DEMO_FILES)
+
+
+@st.cache_resource(show_spinner="Loading the task ...", max_entries=8)
+def _task(name: str, data_dir: str):
+    from esm_core.tasks import load_task
+
+    return load_task(name, data_dir)
+
+
+def data_controls() -> dict:
+    """Widgets choosing where a learned method's prompts come from; returns the choice (built on Merge)."""
+    st.markdown("**Training data** — the learned methods need prompts")
+    source = st.radio("draw prompts from", ["task", "skills"], horizontal=True, key="mg_source",
+                      format_func={"task": "a benchmark task's training rows",
+                                   "skills": "demo zoo skills (train split)"}.get,
+                      help="Task rows come from the data directory ($ESM_DATA_DIR, default ../shared/data); "
+                           "skills are the demo zoo's questions, asked about samples of the demo data's train "
+                           "split (the held-out split scores the skills, so it is never trained on).")
+    c1, c2, c3 = st.columns([3, 1, 1])
+    if source == "task":
+        d, tasks = available_tasks()
+        if not tasks:
+            st.error("**No task data is available** "
+                     + (f"in {str(d)!r}." if d else "(no data directory found).")
+                     + "  \nFix: set $ESM_DATA_DIR to a directory with the task files (e.g. "
+                       "public/dti/bindingdb_sample_train.csv), or draw prompts from the demo zoo's skills.")
+            return {"source": "task", "ok": False}
+        by = {t.name: t for t in tasks}
+        names = c1.multiselect("tasks", list(by), default=[next(iter(by))], key="mg_tasks",
+                               format_func=lambda n: f"{by[n].title} · {by[n].group}",
+                               help="Prompts of several tasks are batched per task (AdaMerging's per-task batches).")
+        n = int(c2.number_input("rows per task", 2, 5000, 32, key="mg_task_n",
+                                help="Training rows drawn (seeded) from each task; each becomes a few-shot prompt."))
+        k = int(c3.number_input("examples (k)", 0, 10, 5, key="mg_task_k",
+                                help="In-context examples per prompt, selected as METHOD.md section 7 describes."))
+        st.caption(f"data directory `{d}` · {len(tasks)} task(s) available")
+        return {"source": "task", "ok": True, "names": names, "n": n, "k": k, "dir": str(d)}
+    if not demo_available():
+        from esm_core import zoo
+
+        st.error(f"**The demo data is missing** (`{zoo.DEMO_DIR}`).  \nFix: rebuild it with "
+                 "`python -m esm_core zoo demo-data --out assets/demo`, or draw prompts from a task.")
+        return {"source": "skills", "ok": False}
+    from esm_core.zoo.skills import SKILLS
+
+    by = {s.name: s for s in SKILLS}
+    default = [next(s.name for s in SKILLS if s.modality == m) for m in dict.fromkeys(s.modality for s in SKILLS)]
+    names = c1.multiselect("skills", list(by), default=default, key="mg_skills",
+                           format_func=lambda n: f"{n} · {by[n].question[:60]}",
+                           help="Binary questions about a molecule, protein or cell of a mixed-modality prompt.")
+    n = int(c2.number_input("questions per skill", 2, 2000, 32, key="mg_skill_n",
+                            help="Balanced: half of each label, from the train split (seeded)."))
+    k = int(c3.number_input("examples (k)", 0, 10, 2, key="mg_skill_k",
+                            help="In-context examples per question (the zoo's skill sets use 2)."))
+    return {"source": "skills", "ok": True, "names": names, "n": n, "k": k}
+
+
+def build_data(choice: dict, seed: int) -> tuple[list, str]:
+    """The prompts of a data choice and a one-line description; ESMError for a mistake."""
+    from esm_core.evaluate import BatchedAnswerer, training_prompts
+
+    if not choice.get("ok"):
+        raise ESMError("This method needs training prompts, but the chosen source has no data.",
+                       fix="choose an available source above.")
+    if not choice["names"]:
+        raise ESMError(f"No {'task' if choice['source'] == 'task' else 'skill'} is chosen for the training prompts.",
+                       fix="pick at least one above.")
+    ws = state.workspace()
+    answerer = BatchedAnswerer(ws.sset, ws.encoders)
+    if choice["source"] == "task":
+        prompts = []
+        for name in choice["names"]:
+            prompts += training_prompts(_task(name, choice["dir"]), choice["n"], seed=seed, k=choice["k"],
+                                        answerer=answerer)
+        what = f"{', '.join(choice['names'])}: training rows, k={choice['k']}"
+    else:
+        from esm_core.merge import skill_training_prompts
+
+        prompts = skill_training_prompts(choice["names"], choice["n"], k=choice["k"], seed=seed)
+        what = f"skills {', '.join(choice['names'])} (train split), k={choice['k']}"
+    kept = [p for p in prompts if answerer.prompt_length(p) <= answerer.max_length]
+    if not kept:
+        raise ESMError(f"None of the {len(prompts)} training prompts fits the model's context of "
+                       f"{answerer.max_length} tokens.", fix="lower k (fewer in-context examples).")
+    dropped = len(prompts) - len(kept)
+    return kept, f"{len(kept)} prompts from {what}" + (f" ({dropped} too long, left out)" if dropped else "")
+
+
+# ------------------------------------------------------------------------------------ helpers
+def fmt_params(params: dict) -> str:
+    return ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in params.items()) or "—"
+
+
+def fmt_info(info: dict) -> str:
+    parts = []
+    for k, v in info.items():
+        if k in ("method", "params") or isinstance(v, bool):
+            continue
+        if isinstance(v, float):
+            parts.append(f"{k}={v:.4g}")
+        elif isinstance(v, (int, str)) and v != "":
+            parts.append(f"{k}={v}")
+    return ", ".join(parts)
+
+
+def es_result_of(entry: dict):
+    """The ES result a merge was made from, if the session still has it (same pass, same settings)."""
+    from esm_core.config import MethodConfig
+
+    d = entry.get("es_config")
+    if not d:
+        return None
+    try:
+        cfg = MethodConfig.from_preset(d["preset"], **{k: v for k, v in d.items() if k not in ("preset", "overridden")})
+    except ESMError:
+        return None
+    if state.run_key(cfg) != entry.get("key"):
+        return None
+    res = state.result(cfg)
+    if res is None or entry["output"].info.get("mode", res.config.mode) != res.config.mode:
+        return None  # the merge used another ES mode than the estimation: its own lambda is written instead
+    return res
+
+
+def files_getter(name: str, entry: dict):
+    """A callable for deferred downloads: writes the merged adapter once and keeps its files."""
+    res = es_result_of(entry)
+    extra = {"merge_name": name}
+    if entry.get("es_config") and res is None:
+        extra["es_config_at_merge"] = entry["es_config"]
+        extra["note"] = ("the ES signals of this merge are not in coefficients.safetensors (the estimation "
+                         "changed since, or the merge used another ES mode); it holds the merge's lambda")
+    if entry.get("data"):
+        extra["training_data"] = entry["data"]
+    memo = st.session_state.setdefault("merge_files", {}).setdefault(
+        f"{name}:{id(entry['output'])}:{res is not None}", {})
+    sset, sp = state.workspace().sset, state.spec()
+
+    def get() -> dict[str, bytes]:
+        if "files" not in memo:
+            memo["files"] = merged_files(entry["output"], sset, spec=sp, es_result=res, folded=entry["folded"],
+                                         scalings=entry["scalings"], manifest_extra=extra)
+        return memo["files"]
+
+    return get, res is not None or entry["output"].coefficients is not None or bool(entry["output"].extra_tensors)
+
+
+# ------------------------------------------------------------------------------------ page
+st.title("Merge")
+st.caption("Merge the specialists' LoRA adapters with ES-Merging or a baseline (all element-wise on the A and B "
+           "factors, Eq. 1), compare two merges' coefficients λ, and download the merged adapter. Each merge is "
+           "loaded next to the specialists on the one base copy, so the Query and Embeddings pages can use it.")
+
+with guard():
+    methods = {m.name: m for m in list_methods()}
+    with st.expander("All merge methods in the registry"):
+        st.dataframe(pd.DataFrame([dict(method=m.pretty, name=m.name, needs=", ".join(sorted(m.needs)) or "—",
+                                        summary=m.summary, paper=m.paper, link=m.url) for m in methods.values()]),
+                     hide_index=True, width="stretch",
+                     column_config={"link": st.column_config.LinkColumn("link")})
+
+    st.subheader("1 · Method and parameters")
+    name = st.selectbox("merge method", list(methods), format_func=lambda n: methods[n].pretty, key="mg_method",
+                        help="The engine's registry (esm_core.merge): ES-Merging first, then the baselines.")
+    m = get_method(name)
+    st.markdown(f"**{m.pretty}** — {m.summary}")
+    st.caption(f"Paper: [{m.paper}]({m.url})" + (" · " + "; ".join(NEEDS[n] for n in sorted(m.needs) if n in NEEDS)
+                                                   if m.needs else " · closed form, instant"))
+    params = param_controls(m, "mg")
+
+    if "es" in m.needs:
+        res = state.result()
+        if res is not None:
+            preset_badge(res)
+        else:
+            st.info("ES-Merging merges with the coefficients λ of the current selection, and none are computed"
+                    + (" for the current settings." if state.needs_rerun() else " yet.")
+                    + " Run the estimation here or on the Overview page.")
+            if run_button(key="run_merge_es"):
+                st.rerun()
+
+    choice = data_controls() if "data" in m.needs else None
+
+    if st.button(f"Merge with {m.pretty}", type="primary", key="mg_run"):
+        seed = state.method_seed()
+        state.workspace()  # loaded (cached) before the clock starts
+        data, data_note = build_data(choice, seed) if choice is not None else (None, "")
+        status = st.status(f"Merging with {m.pretty} ...", expanded=True)
+        bar = status.progress(0.0)
+        note = status.empty()
+
+        def progress(msg: str, frac: float) -> None:
+            bar.progress(min(max(float(frac), 0.0), 1.0))
+            note.write(msg)
+
+        t0 = time.perf_counter()
+        new = state.run_merge(m.name, params, data=data, progress=progress)
+        secs = time.perf_counter() - t0
+        state.merges()[new].update(seconds=secs, data=data_note)
+        st.session_state["mg_dl"] = new  # the download section offers the newest merge
+        status.update(label=f"{new}: done in {secs:.1f} s", state="complete", expanded=False)
+        st.success(f"**{new}** is loaded next to the specialists." + (f" Trained on {data_note}." if data_note else ""))
+
+    # ------------------------------------------------------------------ session list
+    st.subheader("2 · Merges of this session")
+    merges = state.merges()
+    if not merges:
+        st.info("No merges yet: choose a method above and press Merge.")
+    else:
+        rows = []
+        for n, e in merges.items():
+            out = e["output"]
+            c = out.coefficients
+            rows.append(dict(name=n, method=e["pretty"], parameters=fmt_params(e["params"]),
+                             coefficients="per element" if c is not None else "none",
+                             details=fmt_info(out.info), data=e.get("data") or "—",
+                             scaling="folded into B" if e["folded"] else "shared",
+                             seconds=round(float(e.get("seconds", float("nan"))), 2)))
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="mg_list")
+
+with guard():
+    # ------------------------------------------------------------------ comparison
+    st.subheader("3 · Compare two merges' coefficient maps")
+    merges = state.merges()
+    withc = [n for n, e in merges.items() if e["output"].coefficients is not None]
+    if len(withc) < 2:
+        st.info(f"Needs two merges with per-element coefficients λ [K, ...] (ES-Merging and most baselines; "
+                f"Average and fine-tuning have none); this session has {len(withc)}.")
+    else:
+        names = state.workspace().sset.names
+        c1, c2 = st.columns(2)
+        a = c1.selectbox("first merge", withc, index=0, key="mg_cmp_a")
+        b = c2.selectbox("second merge", withc, index=1, key="mg_cmp_b")
+        if a == b:
+            raise ESMError("The same merge is chosen twice.", fix="choose two different merges to compare.")
+        ca, cb = merges[a]["output"].coefficients, merges[b]["output"].coefficients
+        keys = sorted(ca)
+        if sorted(cb) != keys:
+            raise ESMError(f"{a} and {b} cover different LoRA factors.", fix="compare merges of the same specialists.")
+        L = sorted({k.layer for k in keys})
+        k1, k2, k3 = st.columns([1, 2, 1])
+        layer = k1.selectbox("block", L, format_func=lambda l: str(l + 1), key="mg_cmp_layer")
+        module = k2.selectbox("module", sorted({k.module for k in keys if k.layer == layer}), key="mg_cmp_module")
+        ab = k3.radio("factor", ["A", "B"], horizontal=True, key="mg_cmp_ab")
+        key = next(k for k in keys if k.layer == layer and k.module == module and k.ab == ab)
+        la, lb = ca[key].detach().float().numpy(), cb[key].detach().float().numpy()
+        R, C = la.shape[1:]
+        st.caption(f"`{key}` · shape {R} × {C} · {merges[a]['pretty']} vs {merges[b]['pretty']}. Baselines' λ "
+                   "need not sum to 1 over specialists (e.g. Task Arithmetic's scaling, TIES' trimming).")
+
+        rows, overall = compare_coefficients(ca[key], cb[key], names)
+        rows_all, overall_all = compare_coefficients([ca[k] for k in keys], [cb[k] for k in keys], names)
+        t1, t2, t3 = st.columns(3)
+        t1.metric("top specialist differs (this factor)", f"{overall['top_differs']:.1%}")
+        t2.metric("top specialist differs (whole adapter)", f"{overall_all['top_differs']:.1%}")
+        t3.metric("mean |λ₁−λ₂| (this factor)", f"{overall['mean_abs_diff']:.4f}")
+        table = pd.DataFrame([{"specialist": r["specialist"], f"mean λ · {a}": r["mean_1"], f"mean λ · {b}": r["mean_2"],
+                               "mean |λ1−λ2|": r["mean_abs_diff"], "max |λ1−λ2|": r["max_abs_diff"],
+                               "mean |λ1−λ2| (whole adapter)": ra["mean_abs_diff"]}
+                              for r, ra in zip(rows, rows_all)])
+        st.dataframe(table, hide_index=True, width="stretch", key="mg_cmp_table",
+                     column_config={c: st.column_config.NumberColumn(format="%.4f") for c in table.columns[1:]})
+        st.caption(f"Top specialist = the one with the largest λ of an element; ties (e.g. an entry trimmed to 0 "
+                   f"for everyone) count as their own label — tied elements: {overall['ties_1']:.1%} in {a}, "
+                   f"{overall['ties_2']:.1%} in {b} (this factor).")
+        st.download_button("CSV", table.to_csv(index=False).encode(), file_name=f"compare_{a}_{b}_{key}.csv",
+                           mime="text/csv", key="mg_cmp_csv", on_click="ignore")
+
+        zmax = float(max(np.nanmax(la), np.nanmax(lb)))
+        zmin = float(min(0.0, np.nanmin(la), np.nanmin(lb)))
+        for tag, arr in ((a, la), (b, lb)):
+            mats = {n: arr[i] for i, n in enumerate(names)}
+            fig, _ = figures.element_heatmaps(mats, f"λ of {tag} — {key}", zmin=zmin, zmax=zmax)
+            show_figure(fig, figures.matrix_frame(mats, "lambda"), f"lambda {tag} {key}", key=f"mg_heat_{tag}")
+        diff = {n: np.abs(la[i] - lb[i]) for i, n in enumerate(names)}
+        fig, _ = figures.element_heatmaps(diff, f"|λ({a}) − λ({b})| — {key}", zmin=0, colorscale="Magma")
+        show_figure(fig, figures.matrix_frame(diff, "abs_diff"), f"abs diff {a} {b} {key}", key="mg_heat_diff")
+
+with guard():
+    # ------------------------------------------------------------------ downloads
+    st.subheader("4 · Download")
+    merges = state.merges()
+    if not merges:
+        st.info("Nothing to download yet.")
+    else:
+        if st.session_state.get("mg_dl") not in merges:
+            st.session_state["mg_dl"] = list(merges)[-1]
+        pick = st.selectbox("merge", list(merges), key="mg_dl")
+        get, has_coef = files_getter(pick, merges[pick])
+        st.caption("The zip holds a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) with "
+                   "coefficients.safetensors, the encoders and manifest.json; unzipped, "
+                   f"`PeftModel.from_pretrained(base, '{pick}')` loads it. Files are written when you click.")
+        d1, d2, d3 = st.columns(3)
+        d1.download_button("Merged adapter (zip)", lambda: zip_files(get(), pick), file_name=f"{pick}.zip",
+                           mime="application/zip", key="mg_dl_zip", on_click="ignore", type="primary")
+        if has_coef:
+            d2.download_button("Coefficients (safetensors)", lambda: get()["coefficients.safetensors"],
+                               file_name=f"{pick}_coefficients.safetensors", mime="application/octet-stream",
+                               key="mg_dl_coef", on_click="ignore")
+        else:
+            d2.caption(f"{merges[pick]['pretty']} has no coefficients to download.")
+        d3.download_button("Manifest (JSON)", lambda: get()["manifest.json"], file_name=f"{pick}_manifest.json",
+                           mime="application/json", key="mg_dl_manifest", on_click="ignore")
