@@ -338,8 +338,11 @@ def write_merged(out_dir: str | Path, out: MergeOutput, sset, *, spec=None, es_r
             meta = result_metadata(es_result)
         else:
             meta = {"format": "esm_core.merge_coefficients/1", "specialists": json.dumps(sset.names)}
-        if out.coefficients is not None and es_result is None:
+        if out.coefficients is not None:
+            # the coefficients this merge used (e.g. an ES merge in another mode than the estimation's)
             coef.update({f"lambda/{k}": v.float().contiguous() for k, v in out.coefficients.items()})
+            meta["merge_method"] = str(out.info.get("method", ""))
+            meta["merge_info"] = json.dumps(out.info, default=str)
         coef.update({k: v.detach().float().contiguous().cpu() for k, v in out.extra_tensors.items()})
         if coef:
             from safetensors.torch import save_file

@@ -150,3 +150,12 @@ def test_bad_config_files(tmp_path, capsys):
     assert "at least 2 specialists" in capsys.readouterr().err
     assert cli(["coefficients", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_es_merge_in_another_mode_saves_the_coefficients_it_used(world, run_yaml, tmp_path):
+    out = tmp_path / "es_layer"
+    assert cli(["merge", "--config", str(run_yaml), "--out", str(out), "--param", "mode=layer", "--no-progress"]) == 0
+    res = load_result(out / "coefficients.safetensors")
+    assert res.config.mode == "combined"  # the estimation's mode
+    for k, v in res.lam.items():  # ... but lambda/ holds the layer-mode coefficients the merge used
+        assert torch.allclose(v, res.layer.alpha[:, k.layer].reshape(3, 1, 1).expand_as(v))
