@@ -1,5 +1,162 @@
-"""query page (work in progress)."""
+"""Query: ask the base, each specialist and the merged models the same few-shot question, side by side.
+
+Three sources of questions: the demo zoo's held-out skill questions, the benchmark tasks of METHOD.md
+section 7 (examples chosen by the paper's similarity rules, shown with their scores), or a prompt you
+write. Answers come by label likelihood (probabilities of each label) and by generation parsed after
+"Final answer:" (esm_core.evaluate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
 import streamlit as st
 
-st.title("query")
-st.info("Coming next.")
+from esm_core.errors import ESMError
+from esm_core.prompts import Example, Item, few_shot_prompt
+from esm_core.samples import validate
+from ui import state
+from ui.figures import color_map
+from ui.widgets import guard, show_figure
+
+st.title("Query the models")
+st.caption("The same prompt goes to the base, each specialist and every merged model of this session "
+           "(all on one base copy). Label probabilities come from the likelihood of each answer; the "
+           "generated text is parsed after “Final answer:” — an answer without a parsable label counts as unparsed.")
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _answerer(key: str, _ws):
+    from esm_core.evaluate import BatchedAnswerer
+
+    return BatchedAnswerer(_ws.sset, _ws.encoders, batch_size=8)
+
+
+@st.cache_resource(show_spinner="Loading the task ...", max_entries=4)
+def _task(name: str, data_dir: str):
+    from esm_core.tasks import load_task
+
+    return load_task(name, data_dir or None)
+
+
+@st.cache_resource(show_spinner="Building the skill questions ...", max_entries=2)
+def _skills():
+    from esm_core.zoo import load_skill_sets
+
+    return load_skill_sets()
+
+
+def _show_prompt(p) -> None:
+    with st.expander("The prompt", expanded=False):
+        st.code(p.text(), language=None)
+
+
+with guard():
+    ws = state.workspace()
+    answerer = _answerer(state.spec_key(state.spec()), ws)
+    prompt = None
+    source = st.radio("question from", ["Demo zoo skills", "Benchmark tasks", "Write a prompt"], horizontal=True,
+                      key="q_source")
+
+    if source == "Demo zoo skills":
+        try:
+            sets = _skills()
+        except ESMError as e:
+            st.warning(f"No demo skill questions here: {e.reason}")
+            sets = {}
+        if sets:
+            names = sorted(sets)
+            skill = st.selectbox("skill", names, key="q_skill",
+                                 format_func=lambda n: f"{n} ({sets[n].skill.modality}): {sets[n].skill.question}")
+            ss = sets[skill]
+            i = int(st.number_input(f"question (0..{ss.n - 1})", 0, ss.n - 1, 0, key="q_skill_i"))
+            prompt = ss.prompts[i]
+            st.caption(f"Held-out question with {sum(1 for s in prompt.segments if isinstance(s, str) and 'Example' in s)} "
+                       f"in-context examples from the training pool · gold answer: **{prompt.answer}** · "
+                       f"label source: {ss.skill.source}")
+
+    elif source == "Benchmark tasks":
+        from esm_core.evaluate import build_query
+        from esm_core.tasks import default_data_dir, task_table
+
+        dd = st.text_input("data directory", value=str(default_data_dir() or ""), key="q_data",
+                           help="Where the benchmark files live (default: ../shared/data next to the repository).")
+        default = default_data_dir()
+        if dd and (default is None or Path(dd).expanduser().resolve() != default.resolve()):
+            state.check_allowed(dd, "Data directory")  # the default data directory is always readable
+        rows = task_table(dd or None)
+        avail = [r for r in rows if r["available"]]
+        missing = [r for r in rows if not r["available"]]
+        if missing:
+            st.caption("Not available here (missing files): " + ", ".join(f"{r['name']} ({r['missing'][0]})" for r in missing))
+        if not avail:
+            st.warning("No benchmark task has its data files in this directory.")
+        else:
+            name = st.selectbox("task", [r["name"] for r in avail], key="q_task",
+                                format_func=lambda n: next(f"{r['title']} [{r['group']}]" for r in avail if r["name"] == n))
+            task = _task(name, dd)
+            c1, c2 = st.columns(2)
+            row = int(c1.number_input(f"test row (0..{len(task.test) - 1})", 0, len(task.test) - 1, 0, key="q_row"))
+            k = int(c2.slider("in-context examples k", 0, 8, 5, key="q_k"))
+            q = build_query(task, row, k=k, answerer=answerer)
+            prompt = q.prompt
+            st.markdown(f"**{task.title}** — {task.question}  \nGold answer of test row {row}: **{prompt.answer}**"
+                        + (f" · {prompt.meta.get('dropped')} example(s) dropped to fit the context"
+                           if prompt.meta.get("dropped") else ""))
+            if q.examples:
+                st.markdown("**Chosen examples** (similarity to the query and why they were chosen)")
+                df = q.table()
+                st.dataframe(df, hide_index=True, width="stretch")
+                st.download_button("CSV", df.to_csv(index=False).encode(), file_name=f"{name}_examples.csv",
+                                   key="q_ex_csv")
+
+    else:
+        sp = state.spec()
+        mods = {m.name: m for m in sp.modalities}
+        system = st.text_input("system", "You are an expert in drug discovery and molecular biology.", key="q_sys")
+        question = st.text_input("question", "Does the molecule interact with the protein?", key="q_question")
+        labels = [x.strip() for x in st.text_input("answers (comma-separated)", "Yes, No", key="q_labels").split(",")
+                  if x.strip()]
+        fields = []
+        for name, m in mods.items():
+            raw = st.text_input(f"{m.prefix.strip() or name} ({m.kind}; leave empty to omit)", "", key=f"q_f_{name}")
+            if raw.strip():
+                rep = validate([raw], m.kind)
+                if rep.bad:
+                    raise ESMError(f"The {name} input is not valid: {rep.bad[0][2]}.", fix=f"enter a valid {m.kind} value.")
+                fields.append(((m.prefix.strip().rstrip(":") or name.capitalize()), Item(name, rep.values[0])))
+        if len(labels) < 2:
+            st.warning("Give at least two answers.")
+        elif not fields:
+            st.info("Enter at least one input (molecule, protein or cell).")
+        else:
+            prompt = few_shot_prompt(system, question, labels, [], Example(fields))
+
+    if prompt is not None:
+        _show_prompt(prompt)
+        choices = ["base", *ws.sset.names, *state.merges()]
+        models = st.multiselect("models", choices, default=choices, key="q_models")
+        gen = st.toggle("also generate and parse", value=True, key="q_gen")
+        if st.button("Answer", type="primary", key="q_go") and models:
+            from esm_core.evaluate import answer_side_by_side
+
+            with st.spinner("Answering ..."):
+                rows = answer_side_by_side(answerer, prompt, {m: (None if m == "base" else m) for m in models},
+                                           generate=gen)
+            st.session_state["q_answers"] = (prompt.text(), rows)
+        ans = st.session_state.get("q_answers")
+        if ans is not None and ans[0] == prompt.text():
+            df = pd.DataFrame(ans[1]).drop(columns=["prompt"])
+            if "gold" in df:
+                df["correct (likelihood)"] = df["answer_likelihood"] == df["gold"]
+                if "answer_generation" in df:
+                    df["correct (generation)"] = df["answer_generation"] == df["gold"]
+            st.dataframe(df, hide_index=True, width="stretch")
+            probs = df.melt(id_vars=["model"], value_vars=[c for c in df.columns if c.startswith("p(")],
+                            var_name="label", value_name="probability")
+            fig = px.bar(probs, x="model", y="probability", color="label", barmode="group",
+                         title="Label probabilities (normalised over the answers)",
+                         color_discrete_sequence=list(color_map(list(probs["label"].unique())).values()))
+            fig.update_layout(height=320, yaxis_range=[0, 1])
+            show_figure(fig, df, "answers side by side", key="q_fig")

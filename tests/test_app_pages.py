@@ -135,3 +135,23 @@ def test_explain_page_traces_to_the_stored_lambda(app_env):
     head = next(h.value for h in at.header if h.value.startswith("λ ="))
     assert float(head.split("=")[1]) == pytest.approx(lam, rel=1e-3, abs=1e-6)
     assert len(at.get("latex")) >= 6
+
+
+def test_query_page_answers_side_by_side(app_env):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
+    at.run()
+    at.switch_page("pages/query.py").run()
+    _ok(at)
+    at.radio(key="q_source").set_value("Write a prompt").run()
+    at.text_input(key="q_f_molecule").input("C1CC").run()  # an unparsable SMILES: a clear error, app runs on
+    assert any("RDKit cannot parse" in e.value for e in at.error)
+    at.text_input(key="q_f_molecule").input("CC(=O)Oc1ccccc1C(=O)O").run()
+    _ok(at)
+    at.button(key="q_go").click().run()
+    _ok(at)
+    df = next(d.value for d in at.dataframe if "answer_likelihood" in d.value.columns)
+    specs = at.session_state["spec"].specialists
+    assert list(df["model"]) == ["base", *[s.name for s in specs]]
+    p = df[["p(Yes)", "p(No)"]].to_numpy()
+    assert np.allclose(p.sum(1), 1.0, atol=1e-5)
+    assert (df["answer_likelihood"] == np.where(p[:, 0] >= p[:, 1], "Yes", "No")).all()
