@@ -120,7 +120,8 @@ with guard():
                   if x.strip()]
         fields = []
         for name, m in mods.items():
-            raw = st.text_input(f"{m.prefix.strip() or name} ({m.kind}; leave empty to omit)", "", key=f"q_f_{name}")
+            label = m.prefix.strip().rstrip(":") or name
+            raw = st.text_input(f"{label} ({m.kind}; leave empty to omit)", "", key=f"q_f_{name}")
             if raw.strip():
                 rep = validate([raw], m.kind)
                 if rep.bad:

@@ -39,6 +39,7 @@ def swd_curves(D, specialists: list[str], modalities: list[str], preset: str = "
                   labels={"swd": "SWD(base, specialist)", "layer": "block (0 = input embeddings)"})
     fig.update_layout(title=f"Sliced Wasserstein distance per layer{_tag(preset)}", height=360,
                       legend_title_text="specialist")
+    fig.update_xaxes(dtick=1)
     return fig, df
 
 
@@ -69,7 +70,7 @@ def layer_steps(ls, specialists: list[str], modalities: list[str], preset: str =
     df = df.merge(sa, on=["specialist", "layer"])
     fig.update_layout(height=340, title=f"From distances to layer coefficients{_tag(preset)} "
                                         f"(line style = modality: {', '.join(f'{m}={d}' for m, d in zip(modalities, dash))})")
-    fig.update_xaxes(title_text="block")
+    fig.update_xaxes(title_text="block", dtick=1)
     return fig, df
 
 
@@ -113,6 +114,7 @@ def projection_sweep(sweep: dict[int, object], specialists: list[str]) -> tuple[
     fig = px.box(df, x="layer", y="alpha", color="specialist", facet_col="projections", points="all",
                  color_discrete_map=color_map(specialists))
     fig.update_layout(title="α across random projection sets: more projections, less spread (Table 7)", height=360)
+    fig.update_xaxes(dtick=1)
     return fig, df
 
 

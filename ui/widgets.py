@@ -39,7 +39,7 @@ def show_figure(fig, data: pd.DataFrame | None, name: str, *, key: str | None = 
     if on_select is not None:
         kw = dict(on_select=on_select, selection_mode=selection_mode or ("points", "box", "lasso"))
     event = st.plotly_chart(fig, width="stretch", config=cfg, key=f"fig_{key}", **kw)
-    c1, c2, _ = st.columns([1, 1, 4])
+    c1, c2, _ = st.columns([1, 1, 10])
     c1.download_button("HTML", fig.to_html(include_plotlyjs="cdn", full_html=True).encode(),
                        file_name=f"{slug(name)}.html", mime="text/html", key=f"html_{key}",
                        help="Interactive figure (PNG: camera icon in the figure's toolbar).")

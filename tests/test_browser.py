@@ -1,0 +1,124 @@
+"""One real-browser test: `streamlit run` on 127.0.0.1, Debian's chromium driven by Playwright through
+the main flow (overview -> run -> layer signals -> element signals -> embeddings -> merge -> query),
+asserting on rendered text and saving a screenshot of each page under test-artifacts/.
+
+Skipped when /usr/bin/chromium is absent, unless ESM_REQUIRE_BROWSER=1 (CI sets it), which makes
+the absence a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(world, app_run_yaml):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("ESM_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"{CHROMIUM} is missing but ESM_REQUIRE_BROWSER=1 (install Debian's chromium)")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium); the browser test is skipped")
+    pytest.importorskip("playwright.sync_api")
+    port = _free_port()
+    env = dict(os.environ, ESM_ALLOWED_ROOTS=os.pathsep.join([str(app_run_yaml.parent), str(world["dir"])]),
+               PYTHONUNBUFFERED="1")
+    if app_run_yaml.resolve() != (ROOT / "assets" / "zoo" / "run.yaml").resolve():
+        env["ESM_DEMO_SPEC"] = str(app_run_yaml)
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = open(ARTIFACTS / "streamlit.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
+                             "--server.address", "127.0.0.1", "--server.headless", "true",
+                             "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    while time.time() - t0 < 90:
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start within 90 s; see test-artifacts/streamlit.log")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def test_main_flow_in_chromium(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.set_default_timeout(120_000)
+
+        def shot(name: str) -> None:
+            page.wait_for_timeout(800)  # let plots finish drawing
+            page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+        def go(title: str, expect_text: str) -> None:
+            page.get_by_role("link", name=title).first.click()
+            expect(page.get_by_text(expect_text).first).to_be_visible(timeout=180_000)
+
+        page.goto(server)
+        expect(page.get_by_text("ES-Merging workbench").first).to_be_visible()
+        expect(page.get_by_text("Modalities and probe samples")).to_be_visible()
+        shot("01_overview")
+
+        page.get_by_role("button", name="Run ES-Merging").click()
+        expect(page.get_by_text("Done in").first).to_be_visible(timeout=600_000)
+        expect(page.get_by_text("Mean merge coefficient λ per block")).to_be_visible()
+        shot("02_overview_computed")
+
+        go("Layer signals", "Sliced Wasserstein distance per layer")
+        expect(page.get_by_text("From distances to layer coefficients").first).to_be_visible()
+        shot("03_layer_signals")
+
+        go("Element signals", "Where the specialists disagree most")
+        expect(page.get_by_text("Share of elements where each specialist has the largest λ")).to_be_visible()
+        shot("04_element_signals")
+
+        go("Embeddings", "Distance of each model's centroid from the base")
+        shot("05_embeddings")
+
+        go("Merge", "1 · Method and parameters")
+        page.get_by_role("button", name="Merge with ES-Merging").click()
+        expect(page.get_by_text("merged_es_1").first).to_be_visible(timeout=300_000)
+        shot("06_merge")
+
+        go("Query", "Query the models")
+        page.get_by_text("Write a prompt").click()
+        box = page.get_by_label("Molecule (smiles; leave empty to omit)")
+        box.fill("CC(=O)Oc1ccccc1C(=O)O")
+        box.press("Enter")
+        page.get_by_role("button", name="Answer").click()
+        expect(page.get_by_text("Label probabilities (normalised over the answers)").first).to_be_visible(timeout=300_000)
+        shot("07_query")
+        browser.close()
+    assert (ARTIFACTS / "07_query.png").stat().st_size > 10_000
