@@ -1,0 +1,440 @@
+"""Build the demo zoo from the data: tokenizer, base LLM, three LoRA specialists, run.yaml.
+
+    python -m esm_core zoo build --out /tmp/zoo            # full build (fixed seeds, tqdm progress)
+    python -m esm_core zoo build --out /tmp/mini --tiny    # a miniature through the same path (tests)
+
+Steps (each seeded from ``BuildConfig.seed``):
+
+1. training pools: the train split of assets/demo, RDKit's NCI molecules, and (read in place, never
+   written) the protein sequences of ``public/dti`` and ``public/cyp``;
+2. a BPE tokenizer trained on the corpus (tokenizer.py);
+3. the base: a small ``LlamaForCausalLM`` pretrained on raw modality strings (alone and in the
+   probe layout), generic text, and generic few-shot binary tasks in the METHOD.md section 7
+   format (generic.py) -- no biological question is ever asked of the base;
+4. the specialists, PEFT LoRA adapters with one rank on q, k, v, o, gate, up, down of every block,
+   trained on mixed-modality skill prompts (skills.py) with 0-3 in-context examples: molecule
+   first, jointly with its soft-token encoder (Morgan fingerprint -> MLP -> tokens), then protein
+   and cell (text tokens), which see molecules through the trained, frozen molecule encoder;
+5. run.yaml (a RunSpec for the zoo), build.json (config, timings, losses, data hashes) and
+   SKILLS.md (held-out skill accuracies of the base and each specialist, measured on the written
+   files through the ordinary loaders).
+
+The output is written to a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ESMError
+from ..prompts import Item, few_shot_prompt
+from . import data as zdata
+from .generic import GENERIC_TASKS, SYSTEMS, generic_sentence
+from .skills import MODALITIES, PREFIX, demo_pools, sample_question, skills_of
+from .train import SoftModality, Tokens, sample_from_segments, train_loop
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class BuildConfig:
+    """Everything that shapes the zoo; the defaults are the committed zoo."""
+
+    seed: int = 0
+    # tokenizer
+    vocab_size: int = 8192
+    tokenizer_docs: int = 30000
+    # base model
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 384
+    max_positions: int = 1024
+    base_steps: int = 1600
+    base_batch: int = 32
+    base_lr: float = 3e-3
+    base_lm_frac: float = 0.3
+    # specialists
+    lora_r: int = 8
+    lora_alpha: int = 16
+    spec_steps: dict = field(default_factory=lambda: {"molecule": 700, "protein": 900, "cell": 500})
+    spec_batch: int = 16
+    spec_lr: float = 3e-3
+    encoder_lr: float = 1e-3
+    max_examples: int = 3
+    mol_tokens: int = 8
+    mol_hidden: int = 256
+    morgan_bits: int = 2048
+    # evaluation written with the zoo
+    eval_per_label: int = 40
+    eval_k: int = 2
+    eval_skills: tuple | None = None  # None = every skill
+    eval_methods: tuple = ("likelihood", "generation")
+    # probe caps written into run.yaml
+    probe_max_tokens: dict = field(default_factory=lambda: {"protein": 40, "cell": 50})
+    use_public: bool = True
+    max_pool: int | None = None  # keep at most this many training rows per modality (miniature builds)
+    threads: int = 2
+
+    @classmethod
+    def tiny(cls) -> "BuildConfig":
+        """A miniature for tests: same path, minutes -> seconds."""
+        return cls(vocab_size=700, tokenizer_docs=600, hidden=32, layers=2, heads=2, intermediate=64,
+                   max_positions=1024, base_steps=6, base_batch=4, spec_steps={"molecule": 3, "protein": 3, "cell": 3},
+                   spec_batch=2, lora_r=2, lora_alpha=4, mol_tokens=2, mol_hidden=16, morgan_bits=256,
+                   eval_per_label=2, eval_k=0, eval_skills=("mol_logp", "prot_charge", "cell_b"),
+                   eval_methods=("likelihood",), use_public=False,
+                   max_pool=300)
+
+
+# ------------------------------------------------------------------------------------ pools
+def training_pools(demo, cfg: BuildConfig, data_dir=None, log=print):
+    """Train pools: demo train split + RDKit NCI molecules + public proteins (read in place)."""
+    held_seqs = set(demo.proteins_heldout["sequence"])
+    held_smiles = set(demo.molecules_heldout["smiles"])
+    extra = {"molecule": [], "protein": []}
+    nci = [s for s in zdata.rdkit_nci_smiles() if s not in held_smiles]
+    seen = set(demo.molecules_train["smiles"])
+    for s in nci:
+        if s not in seen:
+            seen.add(s)
+            extra["molecule"].append({"smiles": s, "source": "rdkit_nci"})
+    if cfg.use_public:
+        prots = zdata.public_training_proteins(data_dir, exclude=held_seqs)
+        extra["protein"] = [{"sequence": s[:zdata.PROTEIN_SHOWN], "source": "public"} for s in prots]
+    log(f"training pools: +{len(extra['molecule'])} NCI molecules, +{len(extra['protein'])} public proteins")
+    pools = demo_pools(demo, "train", extra)
+    if cfg.max_pool:
+        for m, rows in pools.rows.items():
+            random.Random(f"{cfg.seed}:pool:{m}").shuffle(rows)
+            del rows[cfg.max_pool:]
+    return pools
+
+
+# ------------------------------------------------------------------------------------ base corpus
+def _generic_prompt(rng: random.Random, pools) -> tuple[list, str]:
+    task = rng.choice(GENERIC_TASKS)
+    param = task.param(rng) if task.param else None
+    from ..prompts import Example
+
+    exs = []
+    for _ in range(rng.randint(0, 4)):
+        f, lab = task.sample(rng, param)
+        exs.append(Example(list(f), lab))
+    f, lab = task.sample(rng, param)
+    fields = list(f)
+    for _ in range(rng.choice((0, 0, 1, 2, 3))):  # distractor fields the question does not ask about
+        if rng.random() < 0.7:
+            m = rng.choice(MODALITIES)
+            row = rng.choice(pools.rows[m])
+            raw = row["smiles"] if m == "molecule" else row["sequence"] if m == "protein" else row["genes"]
+            fields.insert(rng.randint(0, len(fields)), (PREFIX[m][:-2], Item(m, raw)))
+        else:
+            fields.insert(rng.randint(0, len(fields)), ("Note", generic_sentence(rng)))
+    p = few_shot_prompt(rng.choice(SYSTEMS), task.question.format(p=param), list(task.labels), exs,
+                        Example(fields))
+    return p.segments, lab
+
+
+def _raw_segments(rng: random.Random, pools, joint: bool) -> list:
+    def raw(m):
+        row = rng.choice(pools.rows[m])
+        return row["smiles"] if m == "molecule" else row["sequence"] if m == "protein" else row["genes"]
+
+    if joint:  # the probe layout: "Molecule: X\nProtein: Y\nCell: Z"
+        segs = []
+        for j, m in enumerate(MODALITIES):
+            segs.append(PREFIX[m] if j == 0 else "\n" + PREFIX[m])
+            segs.append(Item(m, raw(m)))
+        return segs
+    m = rng.choice(MODALITIES)
+    return [PREFIX[m], Item(m, raw(m))]
+
+
+def base_document(rng: random.Random, pools) -> tuple[list, str | None]:
+    """(segments, answer text or None) of one pretraining document."""
+    u = rng.random()
+    if u < 0.5:
+        segs, lab = _generic_prompt(rng, pools)
+        return segs, f" {lab}\n"
+    if u < 0.7:
+        return _raw_segments(rng, pools, joint=False), None
+    if u < 0.82:
+        return _raw_segments(rng, pools, joint=True), None
+    return ["\n".join(generic_sentence(rng) for _ in range(rng.randint(2, 8)))], None
+
+
+def _segments_text(segs: list) -> str:
+    return "".join(s if isinstance(s, str) else s.raw for s in segs)
+
+
+def tokenizer_corpus(pools, cfg: BuildConfig) -> list[str]:
+    rng = random.Random(f"{cfg.seed}:tokenizer")
+    lines = []
+    for _ in range(cfg.tokenizer_docs):
+        segs, ans = base_document(rng, pools)
+        lines.append(_segments_text(segs) + (ans or ""))
+    # every sample of the pools once (genes, SMILES, sequences), with its field name
+    for m in MODALITIES:
+        for row in pools.rows[m]:
+            raw = row["smiles"] if m == "molecule" else row["sequence"] if m == "protein" else row["genes"]
+            lines.append(PREFIX[m] + raw)
+    # skill prompts' fixed text (questions, system lines) so that they tokenize compactly
+    for m in MODALITIES:
+        for s in skills_of(m):
+            for _ in range(3):
+                p = sample_question(s, pools, rng, k=1)
+                lines.append(_segments_text(p.segments) + f" {p.answer}\n")
+    if cfg.tokenizer_docs < 1000:  # miniature: keep it small
+        rng.shuffle(lines)
+        lines = lines[: cfg.tokenizer_docs * 3]
+    return lines
+
+
+# ------------------------------------------------------------------------------------ stages
+def _sha_file(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+
+
+def build_base(out: Path, pools, cfg: BuildConfig, progress=True, log=print) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .tokenizer import train_tokenizer
+
+    t0 = time.perf_counter()
+    tok = train_tokenizer(tokenizer_corpus(pools, cfg), vocab_size=cfg.vocab_size)
+    t_tok = time.perf_counter() - t0
+    log(f"tokenizer: {len(tok)} tokens in {t_tok:.1f}s")
+    torch.manual_seed(cfg.seed)
+    mc = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+                     num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+                     max_position_embeddings=cfg.max_positions, bos_token_id=tok.bos_token_id,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+                     rms_norm_eps=1e-5)
+    lm = LlamaForCausalLM(mc)
+    toks = Tokens(tok)
+
+    def sample_fn(rng):
+        segs, ans = base_document(rng, pools)
+        return sample_from_segments(toks, segs, ans, eos=ans is None)
+
+    t1 = time.perf_counter()
+    hist = train_loop(lm, list(lm.parameters()), sample_fn, steps=cfg.base_steps, lr=cfg.base_lr, soft={},
+                      batch_size=cfg.base_batch,
+                      lm_frac=cfg.base_lm_frac, seed=cfg.seed + 1, desc="base", warmup=100, weight_decay=0.01,
+                      progress=progress, log=log)
+    t_train = time.perf_counter() - t1
+    d = out / "base"
+    lm.save_pretrained(d)
+    tok.save_pretrained(d)
+    return {"tokenizer_s": t_tok, "base_train_s": t_train, "base_history": hist, "vocab": len(tok),
+            "base_parameters": sum(p.numel() for p in lm.parameters())}
+
+
+def _fresh_base(out: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..specialists import _quiet_transformers
+
+    _quiet_transformers()
+    lm = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(out / "base", local_files_only=True)
+    return lm, tok
+
+
+def _morgan(cfg: BuildConfig):
+    from ..encoders import morgan_fingerprint
+
+    return lambda s: morgan_fingerprint(s, radius=2, n_bits=cfg.morgan_bits)
+
+
+def build_specialist(out: Path, modality: str, pools, cfg: BuildConfig, progress=True, log=print) -> dict:
+    """Train one LoRA specialist (molecule: jointly with its soft-token encoder); save it under out."""
+    from peft import LoraConfig, get_peft_model
+
+    from ..encoders import SoftTokenEncoder, SoftTokenProjector
+
+    lm, tok = _fresh_base(out)
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    seed = cfg.seed + 100 * (1 + MODALITIES.index(modality))
+    torch.manual_seed(seed)
+    feat = _morgan(cfg)
+    if modality == "molecule":
+        proj = SoftTokenProjector(cfg.morgan_bits, cfg.mol_hidden, cfg.mol_tokens, cfg.hidden)
+        _match_scale(proj, lm.get_input_embeddings().weight, pools, feat)
+        trainable_proj = True
+    else:
+        enc = SoftTokenEncoder.load(out / "molecule_encoder", expect_d_model=cfg.hidden)
+        proj = enc.projector
+        trainable_proj = False
+    for p in proj.parameters():
+        p.requires_grad_(trainable_proj)
+    soft = {"molecule": SoftModality(proj, feat)}
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(ALL_TARGETS), lora_dropout=0.0,
+                      bias="none", task_type="CAUSAL_LM")
+    pm = get_peft_model(lm, lcfg)
+    inner = pm.get_base_model()
+    params = [p for n, p in pm.named_parameters() if p.requires_grad]
+    toks = Tokens(tok)
+    skills = skills_of(modality)
+
+    def sample_fn(rng):
+        s = rng.choice(skills)
+        p = sample_question(s, pools, rng, k=rng.randint(0, cfg.max_examples))
+        return sample_from_segments(toks, p.segments, " " + p.answer, soft={"molecule"}, lm=False)
+
+    extra = [{"params": list(proj.parameters()), "lr": cfg.encoder_lr, "weight_decay": 0.0}] if trainable_proj else None
+    t0 = time.perf_counter()
+    proj.train(trainable_proj)
+    hist = train_loop(inner, params, sample_fn, steps=cfg.spec_steps[modality], lr=cfg.spec_lr, soft=soft,
+                      batch_size=cfg.spec_batch,
+                      lm_frac=0.0, seed=seed, desc=f"specialist {modality}", warmup=50, extra_groups=extra,
+                      progress=progress, log=log)
+    proj.eval()
+    t_train = time.perf_counter() - t0
+    pm.save_pretrained(out / modality)
+    _fix_adapter_config(out / modality)
+    if trainable_proj:
+        SoftTokenEncoder("morgan", {"radius": 2, "n_bits": cfg.morgan_bits}, proj, label="mol").save(
+            out / "molecule_encoder")
+    return {f"{modality}_train_s": t_train, f"{modality}_history": hist}
+
+
+def _match_scale(proj, emb_weight, pools, feat):
+    """Scale the projector's last layer so soft tokens start at the size of the LLM's token embeddings."""
+    rows = pools.rows["molecule"][:64]
+    x = torch.from_numpy(__import__("numpy").stack([feat(r["smiles"]) for r in rows]))
+    with torch.no_grad():
+        y = proj(x)
+        ratio = float(emb_weight.pow(2).mean().sqrt()) / max(1e-8, float(y.pow(2).mean().sqrt()))
+        proj.fc2.weight.mul_(ratio)
+        proj.fc2.bias.mul_(ratio)
+
+
+def _fix_adapter_config(d: Path) -> None:
+    p = d / "adapter_config.json"
+    c = json.loads(p.read_text())
+    c["base_model_name_or_path"] = "../base"
+    p.write_text(json.dumps(c, indent=2, sort_keys=True))
+    readme = d / "README.md"
+    if readme.exists():
+        readme.unlink()
+
+
+def write_run_yaml(out: Path, demo_dir: Path, cfg: BuildConfig, final_dir: Path | None = None) -> None:
+    """run.yaml with paths relative to the zoo directory (final_dir: where the zoo will live)."""
+    import yaml
+
+    where = (final_dir or out).resolve()
+    rel = lambda p: os.path.relpath(Path(p).resolve(), where)  # noqa: E731
+    spec = {
+        "base": "base",
+        "specialists": [{"name": m, "adapter": m, "modality": m} for m in MODALITIES],
+        "modalities": [
+            {"name": "molecule", "prefix": PREFIX["molecule"], "kind": "smiles",
+             "encoder": {"type": "soft_token", "path": "molecule_encoder"},
+             "data": {"path": rel(demo_dir / "molecules_heldout.csv"), "column": "smiles"}},
+            {"name": "protein", "prefix": PREFIX["protein"], "kind": "protein",
+             "max_tokens": cfg.probe_max_tokens["protein"], "encoder": {"type": "text"},
+             "data": {"path": rel(demo_dir / "protein_windows_heldout.csv"), "column": "sequence"}},
+            {"name": "cell", "prefix": PREFIX["cell"], "kind": "genes", "max_tokens": cfg.probe_max_tokens["cell"],
+             "encoder": {"type": "text"}, "data": {"path": rel(demo_dir / "cells_heldout.csv"), "column": "genes"}},
+        ],
+        "method": {"preset": "reference"},
+    }
+    head = ("# The demo zoo as an ES-Merging run (written by `python -m esm_core zoo build`).\n"
+            "# Paths are relative to this file. Probe samples: the held-out demo CSVs (assets/demo).\n")
+    (out / "run.yaml").write_text(head + yaml.safe_dump(spec, sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------ main
+def build_zoo(out_dir: str | Path, cfg: BuildConfig | None = None, *, demo_dir: str | Path | None = None,
+              data_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+              evaluate: bool = True, log=None) -> Path:
+    """Build the whole zoo into out_dir (atomic); returns the directory."""
+    from ..merge import atomic_write_dir, check_output_dir
+
+    cfg = cfg or BuildConfig()
+    out_final = check_output_dir(out_dir, overwrite=overwrite)
+    demo_dir = Path(demo_dir) if demo_dir else zdata.DEMO_DIR
+    demo = zdata.load_demo(demo_dir)
+    logs: list[str] = []
+
+    def _log(msg: str):
+        logs.append(msg)
+        (log or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
+
+    old_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    info: dict = {"config": dataclasses.asdict(cfg)}
+
+    def write(tmp: Path):
+        t0 = time.perf_counter()
+        pools = training_pools(demo, cfg, data_dir, log=_log)
+        info["pool_sizes"] = {m: len(v) for m, v in pools.rows.items()}
+        info.update(build_base(tmp, pools, cfg, progress, _log))
+        for m in MODALITIES:
+            info.update(build_specialist(tmp, m, pools, cfg, progress, _log))
+        write_run_yaml(tmp, demo_dir, cfg, final_dir=out_final)
+        info["build_s"] = time.perf_counter() - t0
+        if evaluate:
+            # measured through the ordinary loaders on the files just written
+            _write_run_for_eval(tmp, demo_dir, cfg)
+            from . import load_zoo
+            from .skills import heldout_skill_sets, measure_skills
+            from .report import skills_markdown
+
+            t1 = time.perf_counter()
+            spec, sset, encoders = load_zoo(tmp)
+            sets = heldout_skill_sets(demo, k=cfg.eval_k, per_label=cfg.eval_per_label,
+                                      skills=list(cfg.eval_skills) if cfg.eval_skills else None)
+            rep = measure_skills(sset, encoders, sets, [None, *MODALITIES], methods=tuple(cfg.eval_methods))
+            (tmp / "SKILLS.md").write_text(skills_markdown(rep, cfg))
+            info["skills"] = rep.rows
+            info["eval_s"] = time.perf_counter() - t1
+            write_run_yaml(tmp, demo_dir, cfg, final_dir=out_final)
+        info["data"] = {f: _sha_file(demo_dir / f) for f in zdata.DEMO_FILES}
+        info["packages"] = _versions()
+        info["log"] = logs
+        (tmp / "build.json").write_text(json.dumps(info, indent=1, default=str))
+
+    try:
+        path = atomic_write_dir(out_final, write, overwrite=overwrite)
+    finally:
+        torch.set_num_threads(old_threads)
+    _log(f"zoo written to {path} ({info.get('build_s', 0):.0f}s build, {_dir_mb(path):.1f} MB)")
+    return path
+
+
+def _write_run_for_eval(tmp: Path, demo_dir: Path, cfg: BuildConfig) -> None:
+    write_run_yaml(tmp, demo_dir, cfg, final_dir=tmp)
+
+
+def _dir_mb(p: Path) -> float:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2**20
+
+
+def _versions() -> dict:
+    from ..merge import package_versions
+
+    return package_versions()
+
+
+def check_zoo_dir(zoo_dir: str | Path) -> Path:
+    d = Path(zoo_dir)
+    if not (d / "run.yaml").is_file():
+        raise ESMError(f"{str(d)!r} is not a zoo directory (no run.yaml).",
+                       fix="build one with `python -m esm_core zoo build --out DIR` or use assets/zoo.")
+    return d

@@ -1,0 +1,372 @@
+"""The zoo's skills: binary questions about a molecule, a protein or a cell, and how to score them.
+
+A skill is a question with two labels whose answer is a fact about one sample (see facts.py):
+RDKit descriptors and substructures or a FreeSolv measurement for molecules, sequence-derived
+facts or a Swiss-Prot keyword for proteins, a PBMC cell type or a GDSC expression fact for cells.
+Every question is asked in a MIXED-modality prompt (METHOD.md section 7 format): the query holds a
+molecule, a protein and a cell, the question asks about one of them, and k in-context examples
+show the asked modality with its label.
+
+Held-out skill sets come from the held-out demo samples (assets/demo/*_heldout.csv), balanced
+between the two labels, with in-context examples from the train split (the few-shot pool):
+
+    sets = heldout_skill_sets(load_demo())                 # {skill name: SkillSet}
+    report = measure_skills(sset, encoders, sets, [None, "molecule", "merged"])
+    print(report.table())                                  # the skill-retention table
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable
+
+from ..errors import ESMError
+from ..prompts import Answerer, Example, Item, Prompt, few_shot_prompt, parse_answer
+from .facts import genes_of, mol_facts, protein_facts
+
+MODALITIES = ("molecule", "protein", "cell")
+FIELD = {"molecule": "Molecule", "protein": "Protein", "cell": "Cell"}
+PREFIX = {m: f"{FIELD[m]}: " for m in MODALITIES}
+SYSTEM = {
+    "molecule": "You are an expert medicinal chemist. Answer the question about the molecule of the query.",
+    "protein": "You are an expert protein biochemist. Answer the question about the protein of the query.",
+    "cell": "You are an expert in cell biology and cancer cell lines. Answer the question about the cell of the query.",
+}
+YES_NO = ("Yes", "No")
+
+
+@lru_cache(maxsize=200_000)
+def _mf(smiles: str) -> dict:
+    return mol_facts(smiles)
+
+
+@lru_cache(maxsize=50_000)
+def _pf(seq: str) -> dict:
+    return protein_facts(seq)
+
+
+def _hfe(row):
+    v = row.get("hydration_free_energy", "")
+    return None if v in ("", None) else float(v) < -4.0
+
+
+def _keyword(name):
+    def fn(row):
+        kw = row.get("keywords")
+        if kw is None:  # not a Swiss-Prot record: unknown
+            return None
+        return name in [k.strip() for k in kw.split(";")]
+    return fn
+
+
+def _pbmc(types):
+    def fn(row):
+        if row.get("source") != "pbmc68k":
+            return None
+        return row["cell_type"] in types
+    return fn
+
+
+def _gdsc_gene(gene):
+    def fn(row):
+        if row.get("source") != "gdsc2_cell_line":
+            return None
+        return gene in genes_of(row["genes"])
+    return fn
+
+
+def _primary(row):
+    src = row.get("source")
+    if src not in ("pbmc68k", "gdsc2_cell_line"):
+        return None
+    return src == "pbmc68k"
+
+
+@dataclass(frozen=True)
+class Skill:
+    """One binary question about one modality; ``fact(row)`` -> True (labels[0]), False, or None (n/a)."""
+
+    name: str
+    modality: str
+    question: str
+    fact: Callable[[dict], bool | None]
+    source: str  # where the answer comes from, for the tables
+    labels: tuple[str, str] = YES_NO
+
+    def label(self, row: dict) -> str | None:
+        v = self.fact(row)
+        return None if v is None else self.labels[0 if v else 1]
+
+
+SKILLS: tuple[Skill, ...] = (
+    # molecules: RDKit computations and a FreeSolv measurement
+    Skill("mol_aromatic", "molecule", "Does the molecule contain an aromatic ring?",
+          lambda r: _mf(r["smiles"])["aromatic_rings"] > 0, "RDKit aromatic ring count"),
+    Skill("mol_carboxylic_acid", "molecule", "Does the molecule contain a carboxylic acid group?",
+          lambda r: _mf(r["smiles"])["carboxylic_acid"], "RDKit SMARTS"),
+    Skill("mol_halogen", "molecule", "Does the molecule contain a halogen atom?",
+          lambda r: _mf(r["smiles"])["halogen"], "RDKit SMARTS"),
+    Skill("mol_hydroxyl", "molecule", "Does the molecule have an aliphatic hydroxyl group?",
+          lambda r: _mf(r["smiles"])["hydroxyl"], "RDKit SMARTS"),
+    Skill("mol_three_rings", "molecule", "Does the molecule have at least three rings?",
+          lambda r: _mf(r["smiles"])["rings"] >= 3, "RDKit ring count"),
+    Skill("mol_lipinski", "molecule", "Does the molecule obey Lipinski's rule of five (at most one violation)?",
+          lambda r: _mf(r["smiles"])["lipinski_violations"] <= 1, "RDKit MW, Crippen logP, HBD, HBA"),
+    Skill("mol_logp", "molecule", "Is the molecule's logP above 3?",
+          lambda r: _mf(r["smiles"])["logp"] > 3.0, "RDKit Crippen logP"),
+    Skill("mol_weight", "molecule", "Is the molecular weight above 350 Da?",
+          lambda r: _mf(r["smiles"])["mw"] > 350.0, "RDKit molecular weight"),
+    Skill("mol_hydration", "molecule", "Is the measured hydration free energy below -4 kcal/mol?",
+          _hfe, "FreeSolv experimental value"),
+    # proteins: sequence-derived facts and a Swiss-Prot keyword
+    Skill("prot_length", "protein", "Is the protein sequence longer than 200 residues?",
+          lambda r: _pf(r["sequence"])["length"] > 200, "sequence length"),
+    Skill("prot_charge", "protein", "Is the net charge (K + R - D - E) of the sequence positive?",
+          lambda r: _pf(r["sequence"])["net_charge"] > 0, "amino-acid counts"),
+    Skill("prot_gravy", "protein", "Is the GRAVY hydropathy of the sequence above -0.25?",
+          lambda r: _pf(r["sequence"])["gravy"] > -0.25, "Kyte-Doolittle GRAVY"),
+    Skill("prot_tm", "protein", "Does the sequence contain a hydrophobic transmembrane-like segment "
+          "(19 residues with mean Kyte-Doolittle hydropathy of at least 1.6)?",
+          lambda r: _pf(r["sequence"])["max_kd_window"] >= 1.6, "Kyte-Doolittle window"),
+    Skill("prot_cysteine", "protein", "Is cysteine at least 2.5 % of the sequence?",
+          lambda r: _pf(r["sequence"])["cys_fraction"] >= 0.025, "amino-acid counts"),
+    Skill("prot_sequon", "protein", "Does the sequence contain an N-glycosylation motif N-X-S/T (X not P)?",
+          lambda r: re.search("N[^P][ST]", r["sequence"]) is not None, "sequence motif"),
+    Skill("prot_transport", "protein", "Is the protein annotated with the Swiss-Prot keyword Transport?",
+          _keyword("Transport"), "Swiss-Prot KW line"),
+    # cells: PBMC annotations and GDSC expression facts
+    Skill("cell_t", "cell", "Is this cell a T cell?", _pbmc(set(("CD4+/CD25 T Reg", "CD8+ Cytotoxic T",
+          "CD8+/CD45RA+ Naive Cytotoxic", "CD4+/CD45RO+ Memory", "CD4+/CD45RA+/CD25- Naive T"))),
+          "PBMC 68k annotation"),
+    Skill("cell_b", "cell", "Is this cell a B cell?", _pbmc({"CD19+ B"}), "PBMC 68k annotation"),
+    Skill("cell_monocyte", "cell", "Is this cell a CD14+ monocyte?", _pbmc({"CD14+ Monocyte"}),
+          "PBMC 68k annotation"),
+    Skill("cell_primary", "cell", "Is this a primary blood cell rather than a cancer cell line?", _primary,
+          "PBMC 68k vs GDSC cell line"),
+    Skill("cell_vim", "cell", "Is the mesenchymal marker VIM among the cell line's top-ranked genes?",
+          _gdsc_gene("VIM"), "GDSC expression"),
+    Skill("cell_krt19", "cell", "Is the epithelial keratin KRT19 among the cell line's top-ranked genes?",
+          _gdsc_gene("KRT19"), "GDSC expression"),
+    Skill("cell_male", "cell", "Is the Y-chromosome gene RPS4Y1 among the cell line's top-ranked genes?",
+          _gdsc_gene("RPS4Y1"), "GDSC expression"),
+)
+SKILL_BY_NAME = {s.name: s for s in SKILLS}
+
+
+def skills_of(modality: str) -> list[Skill]:
+    return [s for s in SKILLS if s.modality == modality]
+
+
+def raw_of(modality: str, row: dict) -> str:
+    return row["smiles"] if modality == "molecule" else row["sequence"] if modality == "protein" else row["genes"]
+
+
+# ------------------------------------------------------------------------------------ pools
+@dataclass
+class Pools:
+    """Sample rows per modality (dicts with smiles / sequence / genes and metadata)."""
+
+    rows: dict[str, list[dict]]
+    _index: dict = field(default_factory=dict, repr=False)
+
+    def labelled(self, skill: Skill) -> tuple[list[int], list[int]]:
+        """Row indices whose fact is labels[0] / labels[1] (cached)."""
+        key = skill.name
+        if key not in self._index:
+            pos, neg = [], []
+            for i, r in enumerate(self.rows[skill.modality]):
+                v = skill.fact(r)
+                if v is None:
+                    continue
+                (pos if v else neg).append(i)
+            self._index[key] = (pos, neg)
+        return self._index[key]
+
+
+def demo_pools(demo, split: str, extra: dict[str, list[dict]] | None = None) -> Pools:
+    """Pools from DemoData ('train' or 'heldout'), plus extra rows (e.g. public training proteins)."""
+    def recs(df):
+        return df.to_dict("records")
+
+    rows = {
+        "molecule": recs(getattr(demo, f"molecules_{split}")),
+        "protein": recs(getattr(demo, f"proteins_{split}")),
+        "cell": recs(getattr(demo, f"cells_{split}")),
+    }
+    for m, extra_rows in (extra or {}).items():
+        rows[m] = rows[m] + list(extra_rows)
+    return Pools(rows)
+
+
+# ------------------------------------------------------------------------------------ prompts
+def skill_prompt(skill: Skill, query: dict[str, str], label: str | None, examples: list[tuple[str, str]]) -> Prompt:
+    """Mixed-modality prompt: examples show the asked modality only, the query holds all three."""
+    m = skill.modality
+    exs = [Example([(FIELD[m], Item(m, raw))], lab) for raw, lab in examples]
+    q = Example([(FIELD[mm], Item(mm, query[mm])) for mm in MODALITIES])
+    p = few_shot_prompt(SYSTEM[m], skill.question, list(skill.labels), exs, q, answer=label)
+    p.meta["skill"] = skill.name
+    return p
+
+
+def sample_question(skill: Skill, pools: Pools, rng: random.Random, k: int, *, example_pools: Pools | None = None,
+                    want: bool | None = None) -> Prompt:
+    """A random balanced question of one skill from pools (examples from example_pools, default pools)."""
+    pos, neg = pools.labelled(skill)
+    want = rng.random() < 0.5 if want is None else want
+    idx = rng.choice(pos if want else neg)
+    return _question(skill, pools, idx, want, rng, k, example_pools or pools)
+
+
+def _question(skill, pools, idx, want, rng, k, ex_pools) -> Prompt:
+    m = skill.modality
+    epos, eneg = ex_pools.labelled(skill)
+    examples = []
+    for _ in range(k):
+        w = rng.random() < 0.5
+        j = rng.choice(epos if w else eneg)
+        if ex_pools is pools and j == idx:
+            j = rng.choice(epos if w else eneg)
+        examples.append((raw_of(m, ex_pools.rows[m][j]), skill.labels[0 if w else 1]))
+    query = {}
+    for mm in MODALITIES:
+        row = pools.rows[m][idx] if mm == m else rng.choice(pools.rows[mm])
+        query[mm] = raw_of(mm, row)
+    return skill_prompt(skill, query, skill.labels[0 if want else 1], examples)
+
+
+@dataclass
+class SkillSet:
+    """The held-out questions of one skill (balanced), as ready prompts."""
+
+    skill: Skill
+    prompts: list[Prompt]
+
+    @property
+    def n(self) -> int:
+        return len(self.prompts)
+
+
+def heldout_skill_sets(demo, *, k: int = 2, per_label: int = 40, seed: int = 0,
+                       skills: list[str] | None = None) -> dict[str, SkillSet]:
+    """Balanced held-out question sets: up to per_label questions per label, k train-pool examples each."""
+    held = demo_pools(demo, "heldout")
+    train = demo_pools(demo, "train")
+    out = {}
+    for s in SKILLS:
+        if skills is not None and s.name not in skills:
+            continue
+        pos, neg = held.labelled(s)
+        n = min(len(pos), len(neg), per_label)
+        if n < min(4, per_label):
+            raise ESMError(f"Skill {s.name!r} has only {min(len(pos), len(neg))} held-out samples of one label.",
+                           fix="check the demo data (assets/demo) or lower per_label.")
+        rng = random.Random(f"{seed}:{s.name}")
+        chosen = [(i, True) for i in rng.sample(pos, n)] + [(i, False) for i in rng.sample(neg, n)]
+        rng.shuffle(chosen)
+        prompts = [_question(s, held, i, w, rng, k, train) for i, w in chosen]
+        out[s.name] = SkillSet(s, prompts)
+    return out
+
+
+# ------------------------------------------------------------------------------------ scoring
+@dataclass
+class SkillReport:
+    """Accuracies per (model, skill) by label likelihood and by generation + parsing."""
+
+    rows: list[dict]
+    seconds: float = 0.0
+
+    def models(self) -> list[str]:
+        return list(dict.fromkeys(r["model"] for r in self.rows))
+
+    def accuracy(self, model: str, modality: str | None = None, how: str = "likelihood",
+                 skill: str | None = None) -> float:
+        """Mean accuracy over the skills of a modality (each skill weighs the same)."""
+        key = "acc_likelihood" if how == "likelihood" else "acc_generation"
+        vals = [r[key] for r in self.rows if r["model"] == model and r.get(key) is not None
+                and (modality is None or r["modality"] == modality) and (skill is None or r["skill"] == skill)]
+        if not vals:
+            raise KeyError(f"no {how} scores for {model!r} / {modality!r}")
+        return sum(vals) / len(vals)
+
+    def by_modality(self, how: str = "likelihood") -> dict[str, dict[str, float]]:
+        return {m: {mod: self.accuracy(m, mod, how) for mod in MODALITIES} for m in self.models()}
+
+    def table(self, how: str = "likelihood", fmt: str = "text") -> str:
+        """Models x modalities (mean accuracy over each modality's skills, in %)."""
+        hdr = ["model", *MODALITIES, "mean"]
+        lines = []
+        for m in self.models():
+            acc = [100 * self.accuracy(m, mod, how) for mod in MODALITIES]
+            lines.append([m, *[f"{a:.1f}" for a in acc], f"{sum(acc) / len(acc):.1f}"])
+        return _render(hdr, lines, fmt)
+
+    def skill_table(self, how: str = "likelihood", fmt: str = "text") -> str:
+        """Skills x models accuracy in %, with the number of questions."""
+        models = self.models()
+        skills = list(dict.fromkeys(r["skill"] for r in self.rows))
+        key = "acc_likelihood" if how == "likelihood" else "acc_generation"
+        lines = []
+        for s in skills:
+            rs = {r["model"]: r for r in self.rows if r["skill"] == s}
+            n = next(iter(rs.values()))["n"]
+            lines.append([s, str(n), *[f"{100 * rs[m][key]:.1f}" if m in rs and rs[m].get(key) is not None else "-"
+                                       for m in models]])
+        return _render(["skill", "n", *models], lines, fmt)
+
+    def unparsed(self, model: str) -> int:
+        return sum(r.get("unparsed", 0) for r in self.rows if r["model"] == model)
+
+
+def _render(hdr, lines, fmt):
+    if fmt == "markdown":
+        out = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+        out += ["| " + " | ".join(l) + " |" for l in lines]
+        return "\n".join(out)
+    w = [max(len(str(x)) for x in col) for col in zip(hdr, *lines)]
+    fmt_row = lambda r: "  ".join(str(x).rjust(wi) if i else str(x).ljust(wi) for i, (x, wi) in enumerate(zip(r, w)))  # noqa: E731
+    return "\n".join([fmt_row(hdr), *[fmt_row(l) for l in lines]])
+
+
+def measure_skills(sset, encoders: dict, skill_sets: dict[str, SkillSet], models: list[str | None], *,
+                   methods: tuple[str, ...] = ("likelihood", "generation"), limit: int | None = None,
+                   batch_size: int = 16, progress: Callable[[str, float], None] | None = None) -> SkillReport:
+    """Score each model (None = base, else an adapter name) on every skill set.
+
+    likelihood: the label with the higher log p(label | prompt) (Answerer.label_logprobs);
+    generation: greedy continuation parsed by parse_answer (unparsed counts as wrong).
+    ``limit`` keeps the first n questions of each set (they are shuffled and balanced up to n).
+    """
+    bad = [m for m in methods if m not in ("likelihood", "generation")]
+    if bad:
+        raise ESMError(f"Unknown scoring method(s) {bad}.", fix="use 'likelihood' and/or 'generation'.")
+    t0 = time.perf_counter()
+    qa = Answerer(sset, encoders)
+    rows = []
+    total = len(models) * len(skill_sets)
+    done = 0
+    for model in models:
+        name = "base" if model is None else model
+        for sname, ss in skill_sets.items():
+            prompts = ss.prompts[:limit] if limit else ss.prompts
+            gold = [p.answer for p in prompts]
+            row = dict(model=name, skill=sname, modality=ss.skill.modality, n=len(prompts))
+            if "likelihood" in methods:
+                lp = qa.label_logprobs(prompts, model, batch_size=batch_size)
+                pred = [p.labels[int(i)] for p, i in zip(prompts, lp.argmax(1).tolist())]
+                row["acc_likelihood"] = sum(a == b for a, b in zip(pred, gold)) / len(gold)
+            if "generation" in methods:
+                texts = qa.generate(prompts, model, max_new_tokens=4, batch_size=batch_size)
+                parsed = [parse_answer(t, p.labels) for t, p in zip(texts, prompts)]
+                row["acc_generation"] = sum(a == b for a, b in zip(parsed, gold)) / len(gold)
+                row["unparsed"] = sum(a is None for a in parsed)
+            rows.append(row)
+            done += 1
+            if progress:
+                progress(f"skills: {name} {sname}", done / total)
+    return SkillReport(rows, time.perf_counter() - t0)

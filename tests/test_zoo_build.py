@@ -1,0 +1,192 @@
+"""The zoo's build path cannot rot: a miniature zoo through the same builder, and the pieces it uses.
+
+    pytest tests/test_zoo_build.py
+
+Table-driven checks of the facts behind the skills (RDKit, sequence arithmetic), the mixed-modality
+prompt format, the demo-data split, and one miniature ``zoo build`` (tiny model, a few steps) that
+is then loaded by the ordinary loaders and queried.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+
+from esm_core.errors import ESMError
+from esm_core.zoo import DEMO_DIR
+from esm_core.zoo.data import load_demo
+from esm_core.zoo.facts import largest_fragment, mol_facts, protein_facts
+
+MOL_CASES = [  # (smiles, fact, expected)
+    ("CC(=O)Oc1ccccc1C(=O)O", "carboxylic_acid", True),  # aspirin
+    ("CC(=O)Oc1ccccc1C(=O)O", "aromatic_rings", 1),
+    ("CCO", "hydroxyl", True),
+    ("c1ccccc1O", "hydroxyl", False),  # phenol OH is not aliphatic
+    ("ClC(Cl)Cl", "halogen", True),
+    ("CCN", "primary_amine", True),
+    ("CC(N)=O", "primary_amine", False),  # an amide, not an amine
+    ("C1CC2CCC3CCCC3C2C1", "rings", 3),
+    ("O=[N+]([O-])c1ccccc1", "nitro", True),
+]
+
+
+@pytest.mark.parametrize("smiles,fact,expected", MOL_CASES)
+def test_molecule_facts(smiles, fact, expected):
+    assert mol_facts(smiles)[fact] == expected
+
+
+def test_lipinski_and_fragments():
+    big = "CCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCC(=O)O"  # logP far above 5, MW above 500
+    f = mol_facts(big)
+    assert f["lipinski_violations"] >= 2 and f["mw"] > 500
+    assert mol_facts("CCO")["lipinski_violations"] == 0
+    assert largest_fragment("CC(N)Cc1ccc(O)cc1.Br") == largest_fragment("CC(N)Cc1ccc(O)cc1")
+    assert largest_fragment("not a smiles") is None
+
+
+def test_protein_facts_by_hand():
+    f = protein_facts("KKRDE")
+    assert f["length"] == 5 and f["net_charge"] == 1
+    assert protein_facts("DDDEK")["net_charge"] == -3
+    assert protein_facts("IIII")["gravy"] == pytest.approx(4.5)
+    tm = "L" * 19
+    assert protein_facts("KK" + tm + "KK")["max_kd_window"] == pytest.approx(3.8)
+    assert protein_facts("KKKK")["max_kd_window"] < 0  # shorter than a window
+    assert protein_facts("CCAA")["cys_fraction"] == pytest.approx(0.5)
+
+
+def test_skills_balanced_heldout_and_mixed_prompts():
+    from esm_core.zoo.skills import MODALITIES, SKILLS, heldout_skill_sets
+
+    sets = heldout_skill_sets(load_demo(), k=2, per_label=6)
+    assert set(sets) == {s.name for s in SKILLS}
+    assert {s.modality for s in SKILLS} == set(MODALITIES)
+    for name, ss in sets.items():
+        answers = [p.answer for p in ss.prompts]
+        assert answers.count("Yes") == answers.count("No") == 6, name
+        p = ss.prompts[0]
+        text = p.text()
+        assert text.rstrip().endswith("Final answer:")
+        query = text.split("Query:\n", 1)[1]
+        for field in ("Molecule: ", "Protein: ", "Cell: "):  # the query holds all three modalities
+            assert field in query, (name, field)
+        assert text.count("Final answer:") == 3  # two examples + the query
+        items = [s for s in p.segments if not isinstance(s, str)]
+        assert [i.modality for i in items[-3:]] == list(MODALITIES)
+        assert all(i.modality == ss.skill.modality for i in items[:-3])  # examples show the asked modality
+
+
+def test_heldout_questions_use_heldout_samples_and_train_examples():
+    from esm_core.prompts import Item
+    from esm_core.zoo.skills import heldout_skill_sets
+
+    demo = load_demo()
+    held = set(demo.molecules_heldout["smiles"])
+    train = set(demo.molecules_train["smiles"])
+    assert not held & train
+    ss = heldout_skill_sets(demo, k=3, per_label=5, skills=["mol_logp"])["mol_logp"]
+    for p in ss.prompts:
+        items = [s for s in p.segments if isinstance(s, Item) and s.modality == "molecule"]
+        assert all(i.raw in train for i in items[:-1])
+        assert items[-1].raw in held
+
+
+def test_demo_split_is_disjoint_and_windows_come_from_heldout():
+    demo = load_demo()
+    assert not set(demo.proteins_train["accession"]) & set(demo.proteins_heldout["accession"])
+    assert set(demo.protein_windows_heldout["accession"]) <= set(demo.proteins_heldout["accession"])
+    assert len(demo.protein_windows_heldout) >= 330
+    assert len(set(demo.protein_windows_heldout["sequence"])) == len(demo.protein_windows_heldout)
+    ids = lambda df: set(zip(df["source"], df["cell_id"]))  # noqa: E731
+    assert not ids(demo.cells_train) & ids(demo.cells_heldout)
+    assert min(len(demo.molecules_heldout), len(demo.cells_heldout)) >= 330
+    src = (DEMO_DIR / "SOURCES.md").read_text()
+    for f in ("molecules_train.csv", "molecules_heldout.csv", "proteins_heldout.csv", "protein_windows_heldout.csv",
+              "cells_heldout.csv", "Apache-2.0", "CC BY 4.0", "BSD-3", "MIT"):
+        assert f in src
+
+
+def test_demo_data_is_reproduced_from_the_registry(tmp_path):
+    from esm_core.zoo.data import DEMO_FILES, default_data_dir, write_demo
+
+    if not (default_data_dir() / "registry").is_dir():
+        pytest.skip("shared registry data not present")
+    write_demo(tmp_path)
+    for f in (*DEMO_FILES, "SOURCES.md"):
+        assert (tmp_path / f).read_bytes() == (DEMO_DIR / f).read_bytes(), f
+
+
+def test_missing_demo_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(ESMError, match="lacks"):
+        load_demo(tmp_path)
+
+
+def test_tokenizer_single_token_labels_and_genes():
+    from esm_core.zoo.tokenizer import train_tokenizer
+
+    lines = ["Cell: CD3E CD74 HLA-DRA MS4A1", "Final answer: Yes", "Final answer: No"] * 50
+    tok = train_tokenizer(lines, vocab_size=300)
+    assert len(tok(" Yes", add_special_tokens=False)["input_ids"]) == 1
+    assert len(tok(" HLA-DRA", add_special_tokens=False)["input_ids"]) == 1
+    assert tok.decode(tok("Final answer: Yes\n", add_special_tokens=False)["input_ids"]) == "Final answer: Yes\n"
+    assert None not in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+
+
+def test_generic_tasks_answer_what_they_claim():
+    from esm_core.zoo.generic import GENERIC_TASKS
+
+    rng = random.Random(0)
+    checks = {
+        "even": lambda f: int(f[0][1]) % 2 == 0,
+        "greater": lambda f: int(f[0][1]) > int(f[1][1]),
+        "sum": lambda f: sum(int(v) for v in f[0][1].split()) > 0,
+        "list_long": lambda f: len(f[0][1].split()) > 5,
+    }
+    for t in GENERIC_TASKS:
+        for _ in range(30):
+            p = t.param(rng) if t.param else None
+            fields, label = t.sample(rng, p)
+            assert label in t.labels
+            if t.name in checks:
+                assert checks[t.name](fields) == (label == t.labels[0]), t.name
+            if t.name == "contains":
+                assert (p in fields[0][1].split()) == (label == "Yes")
+
+
+def test_tiny_zoo_builds_loads_and_answers(tmp_path):
+    from esm_core.prompts import Answerer
+    from esm_core.specialists import read_adapter
+    from esm_core.zoo import load_zoo
+    from esm_core.zoo.build import ALL_TARGETS, BuildConfig, build_zoo
+    from esm_core.zoo.skills import heldout_skill_sets
+
+    cfg = BuildConfig.tiny()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = build_zoo(tmp_path / "zoo", cfg, progress=False, log=lambda m: None)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    # CPU seconds of this process (all threads): a quiet machine's wall time is at most this; the wall
+    # time itself depends on what else shares the CPU, so it is only reported
+    assert cpu < 60, f"miniature build used {cpu:.0f} CPU s ({wall:.0f} s wall)"
+    for sub in ("base", "molecule", "protein", "cell", "molecule_encoder"):
+        assert (out / sub).is_dir()
+        assert not [f for f in (out / sub).iterdir() if f.suffix in (".bin", ".pt", ".pkl", ".pth")]
+    info = json.loads((out / "build.json").read_text())
+    assert info["config"]["layers"] == cfg.layers and "skills" in info
+    assert (out / "SKILLS.md").read_text().startswith("# Demo zoo")
+    ads = [read_adapter(out / m, m) for m in ("molecule", "protein", "cell")]
+    for ad in ads:  # the paper's LoRA configuration: all 7 modules in every block, one rank
+        assert {(l, m.rsplit(".", 1)[-1]) for l, m in ad.modules()} == {(l, t) for l in range(cfg.layers)
+                                                                        for t in ALL_TARGETS}
+        assert ad.rank == cfg.lora_r
+    assert any(float(t.abs().sum()) > 0 for k, t in ads[0].tensors.items() if k.ab == "B")  # trained, not init
+    spec, sset, enc = load_zoo(out)
+    assert [s.modality for s in spec.specialists] == ["molecule", "protein", "cell"]
+    assert spec.modalities[0].encoder.type == "soft_token"
+    p = heldout_skill_sets(load_demo(), k=1, per_label=4, skills=["cell_b"])["cell_b"].prompts[:2]
+    lp = Answerer(sset, enc).label_logprobs(p, "cell")
+    assert lp.shape == (2, 2) and bool(lp.isfinite().all())
+    with pytest.raises(ESMError, match="already exists"):
+        build_zoo(out, cfg, progress=False, log=lambda m: None)
