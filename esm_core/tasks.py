@@ -111,8 +111,8 @@ SYSTEM = {
                      "as its 50 most highly expressed genes in ranked order, decide whether the cell line is "
                      "Sensitive or Resistant to the drug.",
     "drug_pair": "You are an expert in cancer pharmacogenomics. Given two drugs as SMILES and a cancer cell line "
-                 "as its 50 most highly expressed genes in ranked order, decide whether the two drugs act "
-                 "Synergistic or Antagonistic on the cell line.",
+                 "as its 50 most highly expressed genes in ranked order, decide whether the drug combination is "
+                 "Synergistic or Antagonistic in the cell line.",
 }
 QUESTION = {
     "molecule_protein": "Does the molecule interact with the protein?",
