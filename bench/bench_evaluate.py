@@ -12,6 +12,10 @@ Both answer modes are timed (label likelihood + greedy generation), as evaluate/
 and the answers of the two are compared on those prompts (they must agree).
 
     python bench/bench_evaluate.py [--n 500] [--naive-n 40] [--threads 1] [--protein-residues 300]
+
+On this machine (2 shared cores), with the demo zoo's base (4 blocks, hidden 128, BPE vocabulary 8192,
+context 1024) and three LoRA adapters: 500 prompts (730 tokens on average) answered in 29 s, 33 s with
+example selection; the naive loop is 3.5x slower per prompt; answers identical.
 """
 
 from __future__ import annotations
@@ -70,7 +74,9 @@ def main(argv=None) -> int:
     ap.add_argument("--naive-n", type=int, default=40, help="prompts answered one at a time (extrapolated)")
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on the shared 2-core machine, 2 threads thrashed under load -- "
+                         "the zoo-sized model took 110 s for 500 prompts with 2 threads, 29 s with 1; 0 = torch's choice)")
     ap.add_argument("--protein-residues", type=int, default=None,
                     help="protein residues shown in prompts (default: 300 on the demo zoo, whole sequences else)")
     ap.add_argument("--data-dir", default=None)
