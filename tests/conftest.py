@@ -71,26 +71,34 @@ def workspace(world):
 ZOO_RUN = ROOT / "assets" / "zoo" / "run.yaml"
 
 
+def write_run_yaml(d: Path, world, *, molecules=None, proteins=None, cells=None, method=None) -> Path:
+    """Write the tiny world's run config (probe CSVs + run.yaml) into d; returns the run.yaml path.
+
+    Callers may load the YAML, edit it (e.g. a soft-token encoder) and write it back."""
+    import yaml
+
+    d = Path(d)
+    (d / "mol.csv").write_text("smiles\n" + "\n".join(MOLECULES if molecules is None else molecules) + "\n")
+    (d / "prot.tsv").write_text("id\tseq\n" + "\n".join(
+        f"p{i}\t{s}" for i, s in enumerate(PROTEINS if proteins is None else proteins)) + "\n")
+    (d / "cell.csv").write_text("genes\n" + "\n".join(CELLS if cells is None else cells) + "\n")
+    mods = [("molecule", "Molecule: ", "smiles", "mol.csv", "smiles"),
+            ("protein", "Protein: ", "protein", "prot.tsv", "seq"), ("cell", "Cell: ", "genes", "cell.csv", "genes")]
+    cfg = dict(base=str(world["base"]),
+               specialists=[dict(name=n, adapter=str(world["adapters"][n]), modality=m)
+                            for n, m in [("mol", "molecule"), ("prot", "protein"), ("cell", "cell")]],
+               modalities=[dict(name=n, prefix=p, kind=k, data=dict(path=f, column=c)) for n, p, k, f, c in mods],
+               method=dict(method or dict(probes_per_modality=12, batch_size=4)))
+    (d / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return d / "run.yaml"
+
+
 @pytest.fixture(scope="session")
 def app_run_yaml(world, tmp_path_factory):
     """The run config the app starts on: the committed demo zoo, else the tiny world written out."""
     if ZOO_RUN.is_file():
         return ZOO_RUN
-    import yaml
-
-    d = tmp_path_factory.mktemp("app_world")
-    (d / "mol.csv").write_text("smiles\n" + "\n".join(MOLECULES) + "\n")
-    (d / "prot.csv").write_text("seq\n" + "\n".join(PROTEINS) + "\n")
-    (d / "cell.csv").write_text("genes\n" + "\n".join(CELLS) + "\n")
-    mods = [("molecule", "Molecule: ", "smiles", "mol.csv", "smiles"),
-            ("protein", "Protein: ", "protein", "prot.csv", "seq"), ("cell", "Cell: ", "genes", "cell.csv", "genes")]
-    cfg = dict(base=str(world["base"]),
-               specialists=[dict(name=n, adapter=str(world["adapters"][n]), modality=m)
-                            for n, m in [("mol", "molecule"), ("prot", "protein"), ("cell", "cell")]],
-               modalities=[dict(name=n, prefix=p, kind=k, data=dict(path=f, column=c)) for n, p, k, f, c in mods],
-               method=dict(probes_per_modality=12, batch_size=4))
-    (d / "run.yaml").write_text(yaml.safe_dump(cfg))
-    return d / "run.yaml"
+    return write_run_yaml(tmp_path_factory.mktemp("app_world"), world)
 
 
 @pytest.fixture

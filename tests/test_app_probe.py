@@ -19,7 +19,7 @@ import torch
 import yaml
 from streamlit.testing.v1 import AppTest
 
-from conftest import CELLS, MOLECULES, PROTEINS
+from conftest import MOLECULES, PROTEINS, write_run_yaml
 from esm_core.config import load_run_spec
 from esm_core.encoders import SoftTokenEncoder, SoftTokenProjector
 from esm_core.samples import read_table
@@ -33,23 +33,15 @@ SOFT_TOKENS, CELL_CAP = 4, 5  # every cell sample of conftest is longer than CEL
 @pytest.fixture(scope="module")
 def tiny_run(world, tmp_path_factory):
     d = tmp_path_factory.mktemp("app_probe")
-    (d / "mol.csv").write_text("smiles\n" + "\n".join(MOLECULES[:6] + BAD_MOLECULES[:1] + MOLECULES[6:]
-                                                      + BAD_MOLECULES[1:]) + "\n")
-    (d / "prot.csv").write_text("seq\n" + "\n".join(PROTEINS + ["MK1A"]) + "\n")
-    (d / "cell.csv").write_text("genes\n" + "\n".join(CELLS) + "\n")
+    path = write_run_yaml(d, world, molecules=MOLECULES[:6] + BAD_MOLECULES[:1] + MOLECULES[6:] + BAD_MOLECULES[1:],
+                          proteins=PROTEINS + ["MK1A"])
     # like the zoo: molecules through a soft-token encoder, cells capped at a few tokens
     torch.manual_seed(0)
     SoftTokenEncoder("morgan", {}, SoftTokenProjector(2048, 16, SOFT_TOKENS, 32)).save(d / "mol_enc")
-    mods = [("molecule", "Molecule: ", "smiles", "mol.csv", "smiles"),
-            ("protein", "Protein: ", "protein", "prot.csv", "seq"), ("cell", "Cell: ", "genes", "cell.csv", "genes")]
-    cfg = dict(base=str(world["base"]),
-               specialists=[dict(name=n, adapter=str(world["adapters"][n]), modality=m)
-                            for n, m in [("mol", "molecule"), ("prot", "protein"), ("cell", "cell")]],
-               modalities=[dict(name=n, prefix=p, kind=k, data=dict(path=f, column=c)) for n, p, k, f, c in mods],
-               method=dict(probes_per_modality=12, batch_size=4))
+    cfg = yaml.safe_load(path.read_text())
     cfg["modalities"][0]["encoder"] = dict(type="soft_token", path="mol_enc")
     cfg["modalities"][2]["max_tokens"] = CELL_CAP
-    (d / "run.yaml").write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg))
     return d / "run.yaml"
 
 

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 from streamlit.testing.v1 import AppTest
 
-from conftest import CELLS, MOLECULES, PROTEINS
+from conftest import write_run_yaml
 from esm_core.config import load_run_spec
 from esm_core.tiny import make_lora_adapter
 
@@ -29,17 +29,7 @@ ZOO = ROOT / "assets" / "zoo" / "run.yaml"
 def extra(world, tmp_path_factory):
     """A run.yaml for the tiny world, plus adapters that must be refused or folded."""
     d = tmp_path_factory.mktemp("app_sp")
-    (d / "mol.csv").write_text("smiles\n" + "\n".join(MOLECULES) + "\n")
-    (d / "prot.csv").write_text("seq\n" + "\n".join(PROTEINS) + "\n")
-    (d / "cell.csv").write_text("genes\n" + "\n".join(CELLS) + "\n")
-    mods = [("molecule", "Molecule: ", "smiles", "mol.csv", "smiles"),
-            ("protein", "Protein: ", "protein", "prot.csv", "seq"), ("cell", "Cell: ", "genes", "cell.csv", "genes")]
-    cfg = dict(base=str(world["base"]),
-               specialists=[dict(name=n, adapter=str(world["adapters"][n]), modality=m)
-                            for n, m in [("mol", "molecule"), ("prot", "protein"), ("cell", "cell")]],
-               modalities=[dict(name=n, prefix=p, kind=k, data=dict(path=f, column=c)) for n, p, k, f, c in mods],
-               method=dict(probes_per_modality=12, batch_size=4))
-    (d / "run.yaml").write_text(yaml.safe_dump(cfg))
+    write_run_yaml(d, world)
     out = {"dir": d, "spec": d / "run.yaml"}
     out["rank8"] = make_lora_adapter(world["base"], d / "rank8", seed=11, r=8)
     out["loud"] = make_lora_adapter(world["base"], d / "loud", seed=12, r=4, alpha=32)
@@ -154,7 +144,7 @@ def test_apply_own_models_with_differing_alpha_then_reset(at, world, extra, demo
     at.run()
     at.text_input(key="spf0_base").set_value(str(world["base"]))
     for i, (name, prefix, kind, f, col) in enumerate([("molecule", "Molecule: ", "smiles", "mol.csv", "smiles"),
-                                                      ("protein", "Protein: ", "protein", "prot.csv", "seq")]):
+                                                      ("protein", "Protein: ", "protein", "prot.tsv", "seq")]):
         at.text_input(key=f"spf0_m{i}_name").set_value(name)
         at.text_input(key=f"spf0_m{i}_prefix").set_value(prefix)
         at.selectbox(key=f"spf0_m{i}_kind").set_value(kind)

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
-import yaml
+
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import CELLS, MOLECULES, PROTEINS
+from conftest import MOLECULES, write_run_yaml
 from esm_core.cli import main as cli
 from esm_core.pipeline import load_result
 from esm_core.specialists import LoraKey, read_adapter
@@ -20,24 +20,7 @@ from esm_core.specialists import LoraKey, read_adapter
 
 @pytest.fixture(scope="module")
 def run_yaml(world, tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli")
-    (d / "mol.csv").write_text("smiles\n" + "\n".join(MOLECULES + ["not_a_smiles(("]) + "\n")
-    (d / "prot.tsv").write_text("id\tseq\n" + "\n".join(f"p{i}\t{s}" for i, s in enumerate(PROTEINS)) + "\n")
-    (d / "cell.csv").write_text("genes\n" + "\n".join(CELLS) + "\n")
-    cfg = {
-        "base": str(world["base"]),
-        "specialists": [{"name": n, "adapter": str(world["adapters"][n]), "modality": m}
-                        for n, m in [("mol", "molecule"), ("prot", "protein"), ("cell", "cell")]],
-        "modalities": [
-            {"name": "molecule", "prefix": "Molecule: ", "kind": "smiles", "data": {"path": "mol.csv", "column": "smiles"}},
-            {"name": "protein", "prefix": "Protein: ", "kind": "protein", "data": {"path": "prot.tsv", "column": "seq"}},
-            {"name": "cell", "prefix": "Cell: ", "kind": "genes", "data": {"path": "cell.csv", "column": "genes"}},
-        ],
-        "method": {"preset": "reference", "probes_per_modality": 12, "batch_size": 4},
-    }
-    p = d / "run.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    return p
+    return write_run_yaml(tmp_path_factory.mktemp("cli"), world, molecules=MOLECULES + ["not_a_smiles(("])
 
 
 def _hand_merged_model(world, lam, names):
