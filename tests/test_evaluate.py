@@ -11,9 +11,8 @@ import random
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from conftest import CELLS, MOLECULES, PROTEINS
+from conftest import CELLS, MOLECULES, PROTEINS, write_run_yaml
 from esm_core.cli import main as cli
 from esm_core.errors import ESMError
 from esm_core.evaluate import (Answers, BatchedAnswerer, Report, Score, accuracy, answer_side_by_side,
@@ -253,21 +252,7 @@ PROT_A, PROT_B = PROTEINS[0], PROTEINS[3]
 @pytest.fixture(scope="module")
 def cli_env(world, tmp_path_factory):
     d = tmp_path_factory.mktemp("evalcli")
-    (d / "mol.csv").write_text("smiles\n" + "\n".join(MOLECULES) + "\n")
-    (d / "prot.tsv").write_text("id\tseq\n" + "\n".join(f"p{i}\t{s}" for i, s in enumerate(PROTEINS)) + "\n")
-    (d / "cell.csv").write_text("genes\n" + "\n".join(CELLS) + "\n")
-    cfg = {
-        "base": str(world["base"]),
-        "specialists": [{"name": n, "adapter": str(world["adapters"][n]), "modality": m}
-                        for n, m in [("mol", "molecule"), ("prot", "protein"), ("cell", "cell")]],
-        "modalities": [
-            {"name": "molecule", "prefix": "Molecule: ", "kind": "smiles", "data": {"path": "mol.csv", "column": "smiles"}},
-            {"name": "protein", "prefix": "Protein: ", "kind": "protein", "data": {"path": "prot.tsv", "column": "seq"}},
-            {"name": "cell", "prefix": "Cell: ", "kind": "genes", "data": {"path": "cell.csv", "column": "genes"}},
-        ],
-        "method": {"preset": "reference", "probes_per_modality": 12, "batch_size": 4, "n_projections": 64},
-    }
-    (d / "run.yaml").write_text(yaml.safe_dump(cfg))
+    write_run_yaml(d, world, method=dict(probes_per_modality=12, batch_size=4, n_projections=64))
     rnd = random.Random(3)
     data = d / "data" / "public" / "dti"
     data.mkdir(parents=True)
