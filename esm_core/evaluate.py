@@ -866,9 +866,9 @@ def _compare_run(args) -> int:
     resolved = {m: get_method(m) for m in methods}
     for m, meth in resolved.items():
         meth.resolve_params(params.get(m))  # fail before heavy work
-    unknown = sorted(set(params) - set(resolved))
-    if unknown:
-        raise ESMError(f"--param names method(s) {unknown} that are not compared.")
+    for m in sorted(set(params) - set(resolved)):
+        get_method(m)  # a typo is an error; a known method that is not compared is only noted
+        print(f"note: --param for {m!r} ignored: it is not among the compared methods.", flush=True)
     needs_es = any("es" in m.needs for m in resolved.values())
     cfg, modes, tasks, skipped, ws, answerer = _setup(args, probes=needs_es)
     if not tasks:
