@@ -279,6 +279,10 @@ def worker(args) -> None:
     from safetensors.torch import save_file
 
     world = json.loads(Path(args.world).read_text())
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     samples = json.loads(Path(args.samples).read_text())
     spec = spec_for(world, args.preset, args.probes, args.projections, args.device)
     fn = run_ours if args.worker == "ours" else run_naive
@@ -296,6 +300,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in both workers (0: torch's default)")
     ap.add_argument("--worker", choices=["ours", "naive"])
     ap.add_argument("--world")
     ap.add_argument("--samples")
@@ -315,14 +320,18 @@ def main() -> None:
     for which in ["ours"] + ([] if args.skip_naive else ["naive"]):
         cmd = [sys.executable, __file__, "--worker", which, "--world", str(d / "world.json"), "--samples",
                str(d / "samples.json"), "--result", str(d / which), "--shape", args.shape, "--preset", args.preset,
-               "--probes", str(args.probes), "--projections", str(args.projections), "--device", args.device]
+               "--probes", str(args.probes), "--projections", str(args.projections), "--device", args.device,
+               "--threads", str(args.threads)]
         print(f"running {which} ...", flush=True)
         subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         results[which] = json.loads((d / f"{which}.json").read_text())
         results[which]["lam"] = load_file(str(d / f"{which}.safetensors"))
     o = results["ours"]
+    import torch
+
     print(f"\nshape={args.shape} preset={args.preset} probes={o['probes'].get('n_probes')} "
-          f"projections={args.projections} specialists=3 rank={args.rank} device={args.device}")
+          f"projections={args.projections} specialists=3 rank={args.rank} device={args.device} "
+          f"threads={args.threads or torch.get_num_threads()}")
     print(f"base copy {o['base_mb']:.1f} MB, adapters {o['adapters_mb']:.2f} MB")
     print(f"{'':8} {'estimate s':>11} {'load s':>8} {'peak RSS MB':>12} {'peak GPU MB':>12}")
     for k, r in results.items():

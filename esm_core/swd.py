@@ -59,11 +59,12 @@ def _wasserstein_1d_pp(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tens
 
 
 def sliced_wasserstein(X: torch.Tensor, Y: torch.Tensor, P: torch.Tensor, p: float = 2.0, *,
-                       standardize: bool = False, log: bool = False, chunk: int = 64):
+                       standardize: bool = False, log: bool = False, chunk: int | None = None):
     """SWD_p between point sets X [..., n, d] and Y [..., m, d] along the columns of P [d, n_proj].
 
-    Leading dimensions are batched (one distance per set pair), in chunks of ``chunk`` pairs to bound
-    memory. With ``log=True`` also returns {"projected_emd": W_p^p per projection [..., n_proj]}.
+    Leading dimensions are batched (one distance per set pair), in chunks of ``chunk`` pairs (default:
+    as many as keep each projected tensor near 16 MB) to bound memory. With ``log=True`` also returns
+    {"projected_emd": W_p^p per projection [..., n_proj]}.
     """
     if X.ndim < 2 or Y.ndim < 2:
         raise ValueError(f"point sets must be [..., n, d]; got {tuple(X.shape)} and {tuple(Y.shape)}")
@@ -76,6 +77,9 @@ def sliced_wasserstein(X: torch.Tensor, Y: torch.Tensor, P: torch.Tensor, p: flo
     batch = X.shape[:-2]
     Xf = X.reshape(-1, *X.shape[-2:]).to(P.dtype)
     Yf = Y.reshape(-1, *Y.shape[-2:]).to(P.dtype)
+    if chunk is None:
+        per_pair = max(X.shape[-2], Y.shape[-2]) * P.shape[1] * P.element_size()
+        chunk = max(1, (16 * 2**20) // per_pair)
     out = []
     for s in range(0, Xf.shape[0], chunk):
         x, y = Xf[s:s + chunk].to(P.device), Yf[s:s + chunk].to(P.device)
