@@ -85,19 +85,30 @@ def build_encoder(spec, sset) -> ModalityEncoder:
 
 
 # ------------------------------------------------------------------------------------ text
-class TextEncoder:
-    """Tokenize with the LLM's tokenizer, look up the LLM's input embeddings."""
+def separated(raw: str, separator: str | None) -> str:
+    """The text a text encoder tokenizes: raw, or its characters joined by separator ("MKT" -> "M K T")."""
+    return separator.join(raw) if separator else raw
 
-    def __init__(self, tokenizer, embedding: nn.Embedding, max_tokens: int | None = None):
+
+class TextEncoder:
+    """Tokenize with the LLM's tokenizer, look up the LLM's input embeddings.
+
+    separator: join the raw string's characters with it before tokenizing (``" "``: one token per
+    residue, the convention of ProtBert/ProtT5 inputs; option ``separator`` of a ``text`` encoder).
+    """
+
+    def __init__(self, tokenizer, embedding: nn.Embedding, max_tokens: int | None = None,
+                 separator: str | None = None):
         self.tokenizer = tokenizer
         self.embedding = embedding
         self.max_tokens = max_tokens
+        self.separator = separator
         self._cache: dict[str, list[int]] = {}
 
     def ids(self, raw: str) -> list[int]:
         ids = self._cache.get(raw)
         if ids is None:
-            ids = list(self.tokenizer(raw, add_special_tokens=False)["input_ids"])
+            ids = list(self.tokenizer(separated(raw, self.separator), add_special_tokens=False)["input_ids"])
             self._cache[raw] = ids
         return ids[: self.max_tokens] if self.max_tokens else ids
 
@@ -119,7 +130,10 @@ class TextEncoder:
 
 @register_encoder("text")
 def _make_text(spec, sset):
-    return TextEncoder(sset.tokenizer, sset.model.get_input_embeddings(), spec.options.get("max_tokens"))
+    sep = spec.options.get("separator")
+    if sep is not None and not isinstance(sep, str):
+        raise ESMError(f"Text encoder option separator={sep!r} is not a string.", fix='use e.g. separator: " ".')
+    return TextEncoder(sset.tokenizer, sset.model.get_input_embeddings(), spec.options.get("max_tokens"), sep)
 
 
 # ------------------------------------------------------------------------------------ features

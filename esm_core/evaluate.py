@@ -85,11 +85,11 @@ class BatchedAnswerer:
 
     # ---------------------------------------------------------------- lengths
     def item_tokens(self, item: Item) -> int:
-        from .encoders import TextEncoder
+        from .encoders import TextEncoder, separated
 
         enc = self.qa.encoders.get(item.modality)
-        if enc is None or isinstance(enc, TextEncoder):
-            return len(self.qa._ids(item.raw))  # text modalities: the LLM's own tokens, untruncated
+        if enc is None or isinstance(enc, TextEncoder):  # text modalities: the LLM's own tokens, untruncated
+            return len(self.qa._ids(separated(item.raw, getattr(enc, "separator", None))))
         n = getattr(enc, "n_tokens", None)
         if isinstance(n, int):
             return n  # soft-token encoders: a fixed count

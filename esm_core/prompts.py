@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .encoders import TextEncoder
+from .encoders import TextEncoder, separated
 
 ANSWER_MARK = "Final answer:"
 
@@ -151,7 +151,7 @@ class Answerer:
                 enc = self.encoders.get(s.modality)
                 if enc is None or isinstance(enc, TextEncoder):
                     # text modality: the LLM's own tokens, untruncated (probe truncation does not apply)
-                    parts.append(self._embed_ids(self._ids(s.raw)))
+                    parts.append(self._embed_ids(self._ids(separated(s.raw, getattr(enc, "separator", None)))))
                 else:
                     parts.append(enc.encode(s.raw).to(dev, self.embed.weight.dtype))
         x = torch.cat(parts, dim=0)

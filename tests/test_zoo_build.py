@@ -14,6 +14,7 @@ import random
 import time
 
 import pytest
+import torch
 
 from esm_core.errors import ESMError
 from esm_core.zoo import DEMO_DIR
@@ -190,3 +191,80 @@ def test_tiny_zoo_builds_loads_and_answers(tmp_path):
     assert lp.shape == (2, 2) and bool(lp.isfinite().all())
     with pytest.raises(ESMError, match="already exists"):
         build_zoo(out, cfg, progress=False, log=lambda m: None)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["zoo", "skills", "--skills", "mol_logp,no_such_skill"], "Unknown skill"),
+    (["zoo", "demo-data", "--out", str(DEMO_DIR)], "already holds demo files"),
+    (["zoo", "build", "--out", str(DEMO_DIR)], "already exists"),
+    (["zoo", "skills", "--zoo", str(DEMO_DIR)], "not a zoo directory"),
+])
+def test_cli_refusals_are_one_line_errors(argv, msg, capsys):
+    from esm_core.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and msg in err and "\n" not in err
+
+
+def test_text_encoder_separator_gives_one_token_per_residue_everywhere():
+    """A protein shown "M K T ..." is tokenized the same way by the encoder, the Answerer and training."""
+    from esm_core.encoders import TextEncoder, separated
+    from esm_core.zoo.skills import shown_text
+    from esm_core.zoo.tokenizer import train_tokenizer
+    from esm_core.zoo.train import Tokens, sample_from_segments
+    from esm_core.prompts import Item
+
+    seqs = ["MKTAYIAKQRQISFVKSHFSRQ", "MDEKRCLLGGAPW", "MSTNPKPQRKTKRNTNRRPQDVKFPGG"]
+    tok = train_tokenizer([" ".join(s) for s in seqs] * 20 + ["Protein: the cell and the molecule"] * 20, vocab_size=300)
+    emb = torch.nn.Embedding(len(tok), 4)
+    plain, spaced = TextEncoder(tok, emb), TextEncoder(tok, emb, separator=" ")
+    raw = seqs[0]
+    assert separated(raw, " ") == " ".join(raw) and separated(raw, None) == raw
+    assert spaced.n_tokens(raw) == len(raw)  # one token per residue
+    assert [t.strip() for t in spaced.tokens(raw)] == list(raw)
+    assert shown_text("protein", raw) == " ".join(raw) and shown_text("cell", "CD3E CD74") == "CD3E CD74"
+    s = sample_from_segments(Tokens(tok), ["Protein: ", Item("protein", raw)], " Yes", lm=False)
+    assert s.pieces[-1][1] == spaced.ids(raw)  # training sees exactly the encoder's tokens
+    assert plain.ids(raw) != spaced.ids(raw)
+
+
+def test_protein_facts_are_of_the_window_the_prompt_shows():
+    from esm_core.zoo.skills import PROMPT_RESIDUES, SKILL_BY_NAME, demo_pools
+
+    pools = demo_pools(load_demo(), "heldout")
+    rows = pools.rows["protein"]
+    assert rows and max(len(r["sequence"]) for r in rows) == PROMPT_RESIDUES
+    charge = SKILL_BY_NAME["prot_charge"]
+    for r in rows[:20]:
+        s = r["sequence"]
+        assert charge.fact(r) == (sum(s.count(a) for a in "KR") - sum(s.count(a) for a in "DE") > 0)
+
+
+def test_batches_are_not_sorted_by_length_by_default():
+    """Length-sorted batches made single-label batches (gene lists of cell lines tokenize longer than
+    blood cells'), which stalled learning; the default draws plain random batches."""
+    from esm_core.zoo.train import Sample, bucketed
+
+    lens = iter(range(10_000))
+    fn = lambda rng: Sample([("ids", [1] * (1 + rng.randrange(50)))], [next(lens)])  # noqa: E731
+    b = next(bucketed(fn, random.Random(0), 8, {}, bucket=1))
+    assert [s.answer[0] for s in b] == list(range(8))  # drawn order, not length order
+    sorted_b = next(bucketed(fn, random.Random(0), 8, {}, bucket=8))
+    lengths = [len(s.pieces[0][1]) for s in sorted_b]
+    assert lengths == sorted(lengths)
+
+
+def test_molecule_encoder_pretraining_makes_facts_linearly_readable():
+    from esm_core.encoders import SoftTokenProjector, morgan_fingerprint
+    from esm_core.zoo.build import BuildConfig, pretrain_molecule_encoder
+    from esm_core.zoo.skills import demo_pools
+
+    pools = demo_pools(load_demo(), "train")
+    cfg = BuildConfig(encoder_pretrain_steps=150, morgan_bits=512)
+    torch.manual_seed(0)
+    proj = SoftTokenProjector(512, 64, 2, 16)
+    info = pretrain_molecule_encoder(proj, pools, lambda s: morgan_fingerprint(s, n_bits=512), cfg, 0, log=lambda m: None)
+    acc = info["train_fact_accuracy"]
+    assert set(acc) >= {"mol_aromatic", "mol_halogen", "mol_weight"}
+    assert acc["mol_halogen"] >= 0.9 and acc["mol_aromatic"] >= 0.9  # substructures sit in the fingerprint bits

@@ -48,7 +48,7 @@ def load_zoo(zoo_dir: str | Path | None = None, **method_overrides):
     return spec, sset, encoders
 
 
-def load_skill_sets(demo_dir: str | Path | None = None, *, k: int = 2, per_label: int = 40, seed: int = 0,
+def load_skill_sets(demo_dir: str | Path | None = None, *, k: int = 1, per_label: int = 40, seed: int = 0,
                     skills: list[str] | None = None):
     """Held-out skill sets {name: SkillSet} built from the demo data (deterministic)."""
     from .data import load_demo

@@ -39,7 +39,7 @@ def _add(p: argparse.ArgumentParser) -> None:
                    help="A merged adapter directory (from `python -m esm_core merge`) to score too (repeatable).")
     s.add_argument("--models", default=None, help="Comma-separated subset: base,molecule,protein,cell,<merged name>.")
     s.add_argument("--per-label", type=int, default=40, help="Questions per label and skill (at most).")
-    s.add_argument("--k", type=int, default=2, help="In-context examples per question.")
+    s.add_argument("--k", type=int, default=1, help="In-context examples per question (the zoo was trained with 0-1).")
     s.add_argument("--skills", default=None, help="Comma-separated skill names (default: all).")
     s.add_argument("--how", default="likelihood,generation", help="likelihood and/or generation.")
     s.add_argument("--json", default=None, help="Also write the per-skill rows to this JSON file.")
@@ -49,7 +49,7 @@ def _add(p: argparse.ArgumentParser) -> None:
     r.add_argument("--zoo", default=None, help="Zoo directory (default assets/zoo).")
     r.add_argument("--out", default=None, help="Markdown output (default: RESULTS.md in the zoo directory).")
     r.add_argument("--per-label", type=int, default=40)
-    r.add_argument("--k", type=int, default=2)
+    r.add_argument("--k", type=int, default=1, help="In-context examples per question.")
     r.add_argument("--no-progress", action="store_true")
 
     d = sub.add_parser("demo-data", help="Write the demo CSVs + SOURCES.md from the registry data.")

@@ -154,7 +154,7 @@ def results_markdown(rep: SkillReport, merged: list[str], info: dict, *, k: int,
     return "\n".join(out)
 
 
-def run_results(zoo_dir: str | Path | None = None, out_path: str | Path | None = None, *, k: int = 2,
+def run_results(zoo_dir: str | Path | None = None, out_path: str | Path | None = None, *, k: int = 1,
                 per_label: int = 40, progress=None) -> tuple[SkillReport, dict, Path]:
     """Estimate, merge, score; write RESULTS.md (default: inside the zoo directory)."""
     from ..pipeline import Workspace

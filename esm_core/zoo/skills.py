@@ -37,6 +37,15 @@ SYSTEM = {
     "cell": "You are an expert in cell biology and cancer cell lines. Answer the question about the cell of the query.",
 }
 YES_NO = ("Yes", "No")
+# how the zoo's text encoders show a modality: proteins one residue per token ("M K T ..."), the
+# `separator` option of the protein's text encoder in run.yaml; the training code uses the same
+SEPARATOR = {"protein": " "}
+
+
+def shown_text(modality: str, raw: str) -> str:
+    from ..encoders import separated
+
+    return separated(raw, SEPARATOR.get(modality))
 
 
 @lru_cache(maxsize=200_000)
@@ -102,29 +111,25 @@ class Skill:
         return None if v is None else self.labels[0 if v else 1]
 
 
+# The skills the zoo trains and measures: each is learnable by a 4-layer, 128-wide LLaMA with a rank-8
+# LoRA in a few CPU minutes (measured while building the zoo).
 SKILLS: tuple[Skill, ...] = (
-    # molecules: RDKit computations and a FreeSolv measurement
     Skill("mol_aromatic", "molecule", "Does the molecule contain an aromatic ring?",
           lambda r: _mf(r["smiles"])["aromatic_rings"] > 0, "RDKit aromatic ring count"),
     Skill("mol_carboxylic_acid", "molecule", "Does the molecule contain a carboxylic acid group?",
           lambda r: _mf(r["smiles"])["carboxylic_acid"], "RDKit SMARTS"),
     Skill("mol_halogen", "molecule", "Does the molecule contain a halogen atom?",
           lambda r: _mf(r["smiles"])["halogen"], "RDKit SMARTS"),
-    Skill("mol_hydroxyl", "molecule", "Does the molecule have an aliphatic hydroxyl group?",
-          lambda r: _mf(r["smiles"])["hydroxyl"], "RDKit SMARTS"),
     Skill("mol_three_rings", "molecule", "Does the molecule have at least three rings?",
           lambda r: _mf(r["smiles"])["rings"] >= 3, "RDKit ring count"),
-    Skill("mol_lipinski", "molecule", "Does the molecule obey Lipinski's rule of five (at most one violation)?",
-          lambda r: _mf(r["smiles"])["lipinski_violations"] <= 1, "RDKit MW, Crippen logP, HBD, HBA"),
     Skill("mol_logp", "molecule", "Is the molecule's logP above 3?",
           lambda r: _mf(r["smiles"])["logp"] > 3.0, "RDKit Crippen logP"),
     Skill("mol_weight", "molecule", "Is the molecular weight above 350 Da?",
           lambda r: _mf(r["smiles"])["mw"] > 350.0, "RDKit molecular weight"),
     Skill("mol_hydration", "molecule", "Is the measured hydration free energy below -4 kcal/mol?",
           _hfe, "FreeSolv experimental value"),
-    # proteins: sequence-derived facts and a Swiss-Prot keyword
-    Skill("prot_length", "protein", "Is the protein sequence longer than 200 residues?",
-          lambda r: _pf(r["sequence"])["length"] > 200, "sequence length"),
+    Skill("prot_pro_gly", "protein", "Are proline and glycine together at least 12.5 % of the sequence?",
+          lambda r: _pf(r["sequence"])["pro_gly_fraction"] >= 0.125, "amino-acid counts"),
     Skill("prot_charge", "protein", "Is the net charge (K + R - D - E) of the sequence positive?",
           lambda r: _pf(r["sequence"])["net_charge"] > 0, "amino-acid counts"),
     Skill("prot_gravy", "protein", "Is the GRAVY hydropathy of the sequence above -0.25?",
@@ -134,19 +139,27 @@ SKILLS: tuple[Skill, ...] = (
           lambda r: _pf(r["sequence"])["max_kd_window"] >= 1.6, "Kyte-Doolittle window"),
     Skill("prot_cysteine", "protein", "Is cysteine at least 2.5 % of the sequence?",
           lambda r: _pf(r["sequence"])["cys_fraction"] >= 0.025, "amino-acid counts"),
-    Skill("prot_sequon", "protein", "Does the sequence contain an N-glycosylation motif N-X-S/T (X not P)?",
-          lambda r: re.search("N[^P][ST]", r["sequence"]) is not None, "sequence motif"),
-    Skill("prot_transport", "protein", "Is the protein annotated with the Swiss-Prot keyword Transport?",
-          _keyword("Transport"), "Swiss-Prot KW line"),
-    # cells: PBMC annotations and GDSC expression facts
     Skill("cell_t", "cell", "Is this cell a T cell?", _pbmc(set(("CD4+/CD25 T Reg", "CD8+ Cytotoxic T",
           "CD8+/CD45RA+ Naive Cytotoxic", "CD4+/CD45RO+ Memory", "CD4+/CD45RA+/CD25- Naive T"))),
           "PBMC 68k annotation"),
-    Skill("cell_b", "cell", "Is this cell a B cell?", _pbmc({"CD19+ B"}), "PBMC 68k annotation"),
     Skill("cell_monocyte", "cell", "Is this cell a CD14+ monocyte?", _pbmc({"CD14+ Monocyte"}),
           "PBMC 68k annotation"),
     Skill("cell_primary", "cell", "Is this a primary blood cell rather than a cancer cell line?", _primary,
           "PBMC 68k vs GDSC cell line"),
+)
+# Harder questions kept for users of bigger models (ask them on the Query page or pass them to
+# heldout_skill_sets(skills=...)): a gene lookup in a ranked list, a sequence motif, a Swiss-Prot keyword,
+# a rare PBMC type. The tiny zoo specialists stayed near chance on them in pilot runs.
+EXTRA_SKILLS: tuple[Skill, ...] = (
+    Skill("mol_hydroxyl", "molecule", "Does the molecule have an aliphatic hydroxyl group?",
+          lambda r: _mf(r["smiles"])["hydroxyl"], "RDKit SMARTS"),
+    Skill("mol_lipinski", "molecule", "Does the molecule obey Lipinski's rule of five (at most one violation)?",
+          lambda r: _mf(r["smiles"])["lipinski_violations"] <= 1, "RDKit MW, Crippen logP, HBD, HBA"),
+    Skill("prot_sequon", "protein", "Does the sequence contain an N-glycosylation motif N-X-S/T (X not P)?",
+          lambda r: re.search("N[^P][ST]", r["sequence"]) is not None, "sequence motif"),
+    Skill("prot_transport", "protein", "Is the protein annotated with the Swiss-Prot keyword Transport?",
+          _keyword("Transport"), "Swiss-Prot KW line"),
+    Skill("cell_b", "cell", "Is this cell a B cell?", _pbmc({"CD19+ B"}), "PBMC 68k annotation"),
     Skill("cell_vim", "cell", "Is the mesenchymal marker VIM among the cell line's top-ranked genes?",
           _gdsc_gene("VIM"), "GDSC expression"),
     Skill("cell_krt19", "cell", "Is the epithelial keratin KRT19 among the cell line's top-ranked genes?",
@@ -154,7 +167,7 @@ SKILLS: tuple[Skill, ...] = (
     Skill("cell_male", "cell", "Is the Y-chromosome gene RPS4Y1 among the cell line's top-ranked genes?",
           _gdsc_gene("RPS4Y1"), "GDSC expression"),
 )
-SKILL_BY_NAME = {s.name: s for s in SKILLS}
+SKILL_BY_NAME = {s.name: s for s in SKILLS + EXTRA_SKILLS}
 
 
 def skills_of(modality: str) -> list[Skill]:
@@ -187,8 +200,15 @@ class Pools:
         return self._index[key]
 
 
+PROMPT_RESIDUES = 80  # residues of a protein a zoo prompt shows (its N-terminal window); facts are of that window
+
+
 def demo_pools(demo, split: str, extra: dict[str, list[dict]] | None = None) -> Pools:
-    """Pools from DemoData ('train' or 'heldout'), plus extra rows (e.g. public training proteins)."""
+    """Pools from DemoData ('train' or 'heldout'), plus extra rows (e.g. public training proteins).
+
+    Protein rows hold their first PROMPT_RESIDUES residues: the sequence-derived facts are computed on
+    exactly what the prompt shows (a tiny LLM reads ~30 BPE tokens per protein, not ~100).
+    """
     def recs(df):
         return df.to_dict("records")
 
@@ -199,6 +219,7 @@ def demo_pools(demo, split: str, extra: dict[str, list[dict]] | None = None) -> 
     }
     for m, extra_rows in (extra or {}).items():
         rows[m] = rows[m] + list(extra_rows)
+    rows["protein"] = [dict(r, sequence=r["sequence"][:PROMPT_RESIDUES]) for r in rows["protein"]]
     return Pools(rows)
 
 
@@ -251,13 +272,13 @@ class SkillSet:
         return len(self.prompts)
 
 
-def heldout_skill_sets(demo, *, k: int = 2, per_label: int = 40, seed: int = 0,
+def heldout_skill_sets(demo, *, k: int = 1, per_label: int = 40, seed: int = 0,
                        skills: list[str] | None = None) -> dict[str, SkillSet]:
     """Balanced held-out question sets: up to per_label questions per label, k train-pool examples each."""
     held = demo_pools(demo, "heldout")
     train = demo_pools(demo, "train")
     out = {}
-    for s in SKILLS:
+    for s in (SKILLS if skills is None else SKILLS + EXTRA_SKILLS):
         if skills is not None and s.name not in skills:
             continue
         pos, neg = held.labelled(s)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..prompts import Item
+from .skills import shown_text
 
 
 class Tokens:
@@ -50,10 +51,11 @@ class Sample:
     pieces: list
     answer: list[int]  # token ids appended after the pieces and always trained (may be empty)
     lm: bool = True  # train the LM loss on (a subset of) the other positions too
+    keep: tuple = ()  # modalities whose token states should stay as the base's (see batch_loss)
 
 
 def sample_from_segments(toks: Tokens, segments: list, answer_text: str | None, soft: set[str] = frozenset(),
-                         lm: bool = True, eos: bool = False) -> Sample:
+                         lm: bool = True, eos: bool = False, keep: tuple = ()) -> Sample:
     pieces: list = [("ids", [toks.bos])] if toks.bos is not None else []
     for s in segments:
         if isinstance(s, str):
@@ -62,13 +64,13 @@ def sample_from_segments(toks: Tokens, segments: list, answer_text: str | None, 
         elif isinstance(s, Item) and s.modality in soft:
             pieces.append(("soft", s.modality, s.raw))
         else:
-            pieces.append(("ids", toks(s.raw)))
+            pieces.append(("ids", toks(shown_text(s.modality, s.raw)), s.modality))
     ans = toks(answer_text) if answer_text else []
     if eos and toks.eos is not None:
         ans = ans + [toks.eos] if ans else ans
         if not ans:
             pieces.append(("ids", [toks.eos]))
-    return Sample(pieces, ans, lm)
+    return Sample(pieces, ans, lm, tuple(keep))
 
 
 def _lengths(s: Sample, soft_len: dict[str, int]) -> int:
@@ -118,16 +120,20 @@ def build_embeds(samples: list[Sample], embedding: nn.Embedding, soft: dict[str,
         sm = soft[m]
         soft_out[m] = iter(sm.projector(sm.features(raws).to(dev)).unbind(0))
     # token ids of the whole batch laid out first (soft positions = -1), embedded in ONE lookup
-    ids_all, soft_at, ans_pos = [], [], []
+    ids_all, soft_at, ans_pos, keep_at = [], [], [], []
     for b, s in enumerate(samples):
         ids = []
         for p in s.pieces:
+            mod = p[2] if p[0] == "ids" and len(p) > 2 else (p[1] if p[0] == "soft" else None)
+            start_p = len(ids)
             if p[0] == "ids":
                 ids.extend(p[1])
             else:
                 e = next(soft_out[p[1]])
                 soft_at.append((b, len(ids), e))
                 ids.extend([-1] * e.shape[0])
+            if mod is not None and mod in s.keep:
+                keep_at.extend((b, t) for t in range(start_p, len(ids)))
         start = len(ids)
         for j, t in enumerate(s.answer):
             ans_pos.append((b, start - 1 + j, t))
@@ -148,15 +154,27 @@ def build_embeds(samples: list[Sample], embedding: nn.Embedding, soft: dict[str,
             vals.append(e)
         soft_x = torch.zeros_like(x).index_put((torch.cat(rows).to(dev), torch.cat(cols).to(dev)), torch.cat(vals))
         x = x + soft_x
-    return x, mask, ans_pos, ids_t
+    keep_mask = torch.zeros(len(samples), T, dtype=torch.bool)
+    if keep_at:
+        kb, kt = zip(*keep_at)
+        keep_mask[list(kb), list(kt)] = True
+    return x, mask, ans_pos, ids_t, keep_mask.to(dev)
 
 
 def batch_loss(lm, samples: list[Sample], soft: dict[str, SoftModality], *, lm_frac: float = 0.0,
-               rng: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy on answer tokens (+ on a random lm_frac of the other next-token targets)."""
+               rng: torch.Generator | None = None, keep_weight: float = 0.0, base_off=None) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy on answer tokens (+ on a random lm_frac of the other next-token targets).
+
+    keep_weight > 0 adds the mean relative squared distance between this model's and the base's block
+    outputs on the tokens of each sample's ``keep`` modalities (base = the same model inside the
+    ``base_off()`` context, e.g. PEFT's disable_adapter): a specialist may change how it reads its own
+    modality but should leave the others as the base has them, like a specialist that never saw them.
+    """
     emb = lm.get_input_embeddings()
-    x, mask, ans_pos, ids = build_embeds(samples, emb, soft, pad_id=0)
-    hidden = lm.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
+    x, mask, ans_pos, ids, keep_mask = build_embeds(samples, emb, soft, pad_id=0)
+    use_keep = keep_weight > 0 and bool(keep_mask.any())
+    out = lm.model(inputs_embeds=x, attention_mask=mask, use_cache=False, output_hidden_states=use_keep)
+    hidden = out.last_hidden_state
     head = lm.lm_head
     rows = torch.tensor([r for r, _, _ in ans_pos], dtype=torch.long)
     pos = torch.tensor([p for _, p, _ in ans_pos], dtype=torch.long)
@@ -183,6 +201,17 @@ def batch_loss(lm, samples: list[Sample], soft: dict[str, SoftModality], *, lm_f
             lm_loss = nn.functional.cross_entropy(logits, nxt[r, p].to(x.device))
             loss = loss + lm_loss
             info["lm_loss"] = float(lm_loss.detach())
+    if use_keep:
+        with torch.no_grad(), base_off():
+            ref = lm.model(inputs_embeds=x.detach(), attention_mask=mask, use_cache=False,
+                           output_hidden_states=True).hidden_states
+        terms = []
+        for h, hb in zip(out.hidden_states[1:], ref[1:]):
+            hs, hbs = h[keep_mask], hb[keep_mask]
+            terms.append(((hs - hbs).pow(2).sum(-1) / hbs.pow(2).sum(-1).clamp_min(1e-6)).mean())
+        keep_loss = torch.stack(terms).mean()
+        loss = loss + keep_weight * keep_loss
+        info["keep_loss"] = float(keep_loss.detach())
     return loss, info
 
 
@@ -216,8 +245,15 @@ def bucketed(sample_fn: Callable[[random.Random], Sample], rng: random.Random, b
 def train_loop(lm, params: list, sample_fn: Callable[[random.Random], Sample], *, steps: int, lr: float,
                batch_size: int, soft: dict[str, SoftModality], lm_frac: float, seed: int, desc: str, warmup: int = 50,
                weight_decay: float = 0.0, extra_groups: list[dict] | None = None, log_every: int = 50,
-               progress: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
-    """AdamW over params with warmup + cosine decay; returns the logged history (means every log_every steps)."""
+               progress: bool = True, log: Callable[[str], None] | None = None, keep_weight: float = 0.0,
+               base_off=None, bucket: int = 1) -> list[dict]:
+    """AdamW over params with warmup + cosine decay; returns the logged history (means every log_every steps).
+
+    bucket > 1 draws bucket * batch_size samples and cuts them into length-sorted batches (less padding).
+    Keep it at 1 for question answering: where a label correlates with prompt length (a cell line's gene
+    list tokenizes longer than a blood cell's), sorted batches are nearly single-label and the model
+    learns a per-batch bias instead of the skill (measured: answer loss stuck at ln 2).
+    """
     from tqdm import tqdm
 
     groups = [{"params": params, "lr": lr, "weight_decay": weight_decay}]
@@ -227,7 +263,7 @@ def train_loop(lm, params: list, sample_fn: Callable[[random.Random], Sample], *
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    batches = bucketed(sample_fn, rng, batch_size, {m: sm.n_tokens for m, sm in soft.items()})
+    batches = bucketed(sample_fn, rng, batch_size, {m: sm.n_tokens for m, sm in soft.items()}, bucket=bucket)
     lm.train()
     hist, acc = [], {}
     bar = tqdm(range(steps), desc=desc, leave=False, disable=not progress, mininterval=2.0)
@@ -235,7 +271,7 @@ def train_loop(lm, params: list, sample_fn: Callable[[random.Random], Sample], *
         for g, pk in zip(opt.param_groups, peaks):
             g["lr"] = lr_at(step, steps, pk, min(warmup, max(1, steps // 10)))
         batch = next(batches)
-        loss, info = batch_loss(lm, batch, soft, lm_frac=lm_frac, rng=gen)
+        loss, info = batch_loss(lm, batch, soft, lm_frac=lm_frac, rng=gen, keep_weight=keep_weight, base_off=base_off)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
