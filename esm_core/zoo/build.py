@@ -67,7 +67,7 @@ class BuildConfig:
     # specialists
     lora_r: int = 8
     lora_alpha: int = 16
-    spec_steps: dict = field(default_factory=lambda: {"molecule": 800, "protein": 800, "cell": 800})
+    spec_steps: dict = field(default_factory=lambda: {"molecule": 1500, "protein": 800, "cell": 800})
     spec_batch: int = 16
     spec_lr: float = 2e-3  # 5e-3 diverged to a constant answer in pilot runs, 1e-3 learned slowly
     encoder_lr: float = 1e-3
