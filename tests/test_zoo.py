@@ -76,14 +76,10 @@ def test_run_yaml_describes_the_zoo(zoo):
 
 
 @pytest.fixture(scope="session")
-def skill_report():
-    """Scored in float64. In float32 the molecule specialist's gain on protein questions differed between
-    two runs of the same code on the same set (-0.7 points here, +5.2 in a fresh-clone CI run under load):
-    it never learned those questions and answers them with near-ties between Yes and No, which float32
-    rounding can flip."""
-    from esm_core.zoo import load_skill_sets, load_zoo, measure
+def skill_report(zoo):
+    from esm_core.zoo import load_skill_sets, measure
 
-    spec, sset, enc = load_zoo(ZOO_DIR, dtype="float64")
+    spec, sset, enc = zoo
     sets = load_skill_sets(k=1, per_label=40)  # the sets SKILLS.md reports (small subsets are too noisy)
     return measure(sset, enc, [None, *MODS], sets, methods=("likelihood",), batch_size=16)
 
