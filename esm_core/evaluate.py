@@ -85,11 +85,10 @@ class BatchedAnswerer:
 
     # ---------------------------------------------------------------- lengths
     def item_tokens(self, item: Item) -> int:
-        from .encoders import TextEncoder, separated
-
-        enc = self.qa.encoders.get(item.modality)
-        if enc is None or isinstance(enc, TextEncoder):  # text modalities: the LLM's own tokens, untruncated
-            return len(self.qa._ids(separated(item.raw, getattr(enc, "separator", None))))
+        ids = self.qa.text_item_ids(item)
+        if ids is not None:
+            return len(ids)
+        enc = self.qa.encoders[item.modality]
         n = getattr(enc, "n_tokens", None)
         if isinstance(n, int):
             return n  # soft-token encoders: a fixed count

@@ -137,6 +137,15 @@ class Answerer:
                 self._text_cache[text] = ids
         return ids
 
+    def text_item_ids(self, item: Item) -> list[int] | None:
+        """Token ids of an Item of a text modality (no encoder, or a TextEncoder): the LLM's own tokens of
+        the text the encoder shows (its separator applied), untruncated (probe truncation does not apply);
+        None for other encoders."""
+        enc = self.encoders.get(item.modality)
+        if enc is None or isinstance(enc, TextEncoder):
+            return self._ids(separated(item.raw, getattr(enc, "separator", None)))
+        return None
+
     def segment_embeds(self, segments: list, bos: bool = True) -> torch.Tensor:
         """[T, d] embeddings of a segment list (text tokenized, Items via their encoders)."""
         dev = self.embed.weight.device
@@ -148,12 +157,11 @@ class Answerer:
                 if s:
                     parts.append(self._embed_ids(self._ids(s)))
             else:
-                enc = self.encoders.get(s.modality)
-                if enc is None or isinstance(enc, TextEncoder):
-                    # text modality: the LLM's own tokens, untruncated (probe truncation does not apply)
-                    parts.append(self._embed_ids(self._ids(separated(s.raw, getattr(enc, "separator", None)))))
+                ids = self.text_item_ids(s)
+                if ids is not None:
+                    parts.append(self._embed_ids(ids))
                 else:
-                    parts.append(enc.encode(s.raw).to(dev, self.embed.weight.dtype))
+                    parts.append(self.encoders[s.modality].encode(s.raw).to(dev, self.embed.weight.dtype))
         x = torch.cat(parts, dim=0)
         if x.shape[0] > self.max_length:
             from .errors import ESMError

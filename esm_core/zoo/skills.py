@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
 
+from ..encoders import separated
 from ..errors import ESMError
 from ..prompts import Answerer, Example, Item, Prompt, few_shot_prompt, parse_answer
 from .facts import genes_of, mol_facts, protein_facts
@@ -43,8 +44,6 @@ SEPARATOR = {"protein": " "}
 
 
 def shown_text(modality: str, raw: str) -> str:
-    from ..encoders import separated
-
     return separated(raw, SEPARATOR.get(modality))
 
 
