@@ -270,3 +270,69 @@ def test_molecule_encoder_pretraining_makes_facts_linearly_readable():
     acc = info["train_fact_accuracy"]
     assert set(acc) >= {"mol_aromatic", "mol_halogen", "mol_weight"}
     assert acc["mol_halogen"] >= 0.9 and acc["mol_aromatic"] >= 0.9  # substructures sit in the fingerprint bits
+
+
+def test_single_modality_training_questions_hold_only_the_asked_modality():
+    """Specialist training mixes single-modality queries (BuildConfig.single_frac) into the mixed ones;
+    the label is the same fact of the same sample either way."""
+    from esm_core.prompts import Item
+    from esm_core.zoo.skills import SKILL_BY_NAME, demo_pools, sample_question
+
+    pools = demo_pools(load_demo(), "train")
+    skill = SKILL_BY_NAME["prot_his"]
+    for mixed, want in ((False, ["protein"]), (True, ["molecule", "protein", "cell"])):
+        for seed in range(6):
+            p = sample_question(skill, pools, random.Random(seed), k=1, mixed=mixed)
+            items = [s for s in p.segments if isinstance(s, Item)]
+            assert [i.modality for i in items[1:]] == want  # items[0] is the in-context example
+            query_protein = [i for i in items[1:] if i.modality == "protein"][0].raw
+            assert p.answer == ("Yes" if "H" in query_protein else "No")
+            assert ("Molecule: " in p.text().split("Query:\n", 1)[1]) == mixed
+
+
+def _keep_fixture():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from esm_core.zoo.train import Sample
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    pm = get_peft_model(lm, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                       lora_dropout=0.0, task_type="CAUSAL_LM"))
+    inner = pm.get_base_model()
+    # one sequence: 3 text ids, then 4 "protein" ids and 3 "cell" ids (both kept), an "x" id; an answer token
+    s = Sample([("ids", [1, 5, 6]), ("ids", [7, 8, 9, 10], "protein"), ("ids", [11, 12, 14], "cell"),
+                ("ids", [15], "x")], [13], lm=False, keep=("protein", "cell"))
+    return pm, inner, s
+
+
+def test_keep_loss_is_zero_for_the_base_and_measures_only_kept_tokens():
+    from esm_core.zoo.train import batch_loss
+
+    pm, inner, s = _keep_fixture()
+    _, info = batch_loss(inner, [s], {}, keep_weight=1.0, base_off=pm.disable_adapter)
+    assert info["keep_loss"] == pytest.approx(0.0, abs=1e-12)  # LoRA B = 0: the adapter is the base
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    loss, info = batch_loss(inner, [s], {}, keep_weight=1.0, base_off=pm.disable_adapter)
+    # the oracle: per kept modality (protein positions 3..6, cell 7..9) and block, the mean over tokens and
+    # dimensions of the squared change in units of the base states' per-dimension variance; mean of those
+    x = inner.get_input_embeddings()(torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15, 13]]))
+    with torch.no_grad():
+        h = inner.model(inputs_embeds=x, output_hidden_states=True).hidden_states[1:]
+        with pm.disable_adapter():
+            hb = inner.model(inputs_embeds=x, output_hidden_states=True).hidden_states[1:]
+    terms = []
+    for sl in (slice(3, 7), slice(7, 10)):
+        for a, b in zip(h, hb):
+            d = (a[0, sl] - b[0, sl]).double()
+            var = ((b[0, sl] - b[0, sl].mean(0)) ** 2).mean(0).double()
+            terms.append(float((d ** 2 / var).mean()))
+    want = sum(terms) / len(terms)
+    assert info["keep_loss"] == pytest.approx(want, rel=1e-3) and info["keep_loss"] > 1e-4
+    loss.backward()  # the keep term sends gradients into the LoRA
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for n, p in pm.named_parameters() if "lora_A" in n)

@@ -12,9 +12,11 @@ Steps (each seeded from ``BuildConfig.seed``):
    probe layout), generic text, and generic few-shot binary tasks in the METHOD.md section 7
    format (generic.py) -- no biological question is ever asked of the base;
 4. the specialists, PEFT LoRA adapters with one rank on q, k, v, o, gate, up, down of every block,
-   trained on mixed-modality skill prompts (skills.py) with 0-3 in-context examples: molecule
-   first, jointly with its soft-token encoder (Morgan fingerprint -> MLP -> tokens), then protein
-   and cell (text tokens), which see molecules through the trained, frozen molecule encoder;
+   trained on skill prompts (skills.py) with 0-1 in-context examples, half of them mixed (the query
+   holds a molecule, a protein and a cell) and half single-modality, with a term that keeps the
+   other modalities' token states as the base's: molecule first, jointly with its soft-token encoder
+   (Morgan fingerprint -> MLP -> tokens), then protein and cell (text tokens), which see molecules
+   through the trained, frozen molecule encoder;
 5. run.yaml (a RunSpec for the zoo), build.json (config, timings, losses, data hashes) and
    SKILLS.md (held-out skill accuracies of the base and each specialist, measured on the written
    files through the ordinary loaders).
@@ -64,16 +66,31 @@ class BuildConfig:
     base_batch: int = 32
     base_lr: float = 3e-3
     base_lm_frac: float = 0.3
+    # untied input/output embeddings, as LLaMA-3.1-8B has them. Tied, the next-residue LM loss (nearly
+    # uniform over the 20 amino acids) pulled the residue tokens' shared vectors together (mean cosine
+    # 0.87), and no protein question could be learned from them (answer loss flat at ln 2).
+    tie_embeddings: bool = False
     # specialists
     lora_r: int = 8
     lora_alpha: int = 16
-    spec_steps: dict = field(default_factory=lambda: {"molecule": 1500, "protein": 800, "cell": 800})
+    spec_steps: dict = field(default_factory=lambda: {"molecule": 1500, "protein": 1500, "cell": 800})
     spec_batch: int = 16
     spec_lr: float = 2e-3  # 5e-3 diverged to a constant answer in pilot runs, 1e-3 learned slowly
     encoder_lr: float = 1e-3
     encoder_pretrain_steps: int = 300
     encoder_pretrain_lr: float = 3e-3
-    keep_weight: float = 0.0  # weight of the loss keeping other modalities' token states as the base's
+    # weight of the loss keeping the other modalities' token states (mixed prompts) as the base's: a
+    # specialist that never saw them would leave them alone (METHOD.md section 8, Fig. 2)
+    keep_weight: float = 1.0
+    # share of training questions whose query holds only the asked modality. All-mixed training stayed
+    # at chance on protein questions for hundreds of steps (the residues are 80 of ~290 tokens);
+    # single-modality prompts let the specialist find the residues first
+    single_frac: dict = field(default_factory=lambda: {"molecule": 0.5, "protein": 0.75, "cell": 0.5})
+    # share of specialist training samples that are the base's own raw documents in the probe layout
+    # ("Molecule: ...\nProtein: ...\nCell: ..."), no question: they add only the keep term, so the other
+    # modalities' states also stay where the base has them at the start of a sequence, not only inside
+    # a question's query (the cell specialist moved molecule tokens most without them)
+    keep_doc_frac: float = 0.2
     max_examples: int = 1
     mol_tokens: int = 8
     mol_hidden: int = 256
@@ -222,7 +239,7 @@ def build_base(out: Path, pools, cfg: BuildConfig, progress=True, log=print) -> 
     mc = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
                      num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
                      max_position_embeddings=cfg.max_positions, bos_token_id=tok.bos_token_id,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=cfg.tie_embeddings,
                      rms_norm_eps=1e-5)
     lm = LlamaForCausalLM(mc)
     toks = Tokens(tok)
@@ -295,8 +312,12 @@ def build_specialist(out: Path, modality: str, pools, cfg: BuildConfig, progress
     others = tuple(m for m in MODALITIES if m != modality)
 
     def sample_fn(rng):
+        if cfg.keep_weight > 0 and rng.random() < cfg.keep_doc_frac:
+            return sample_from_segments(toks, _raw_segments(rng, pools, joint=True), None, soft={"molecule"},
+                                        lm=False, keep=others)
         s = rng.choice(skills)
-        p = sample_question(s, pools, rng, k=rng.randint(0, cfg.max_examples))
+        mixed = rng.random() >= cfg.single_frac[modality]
+        p = sample_question(s, pools, rng, k=rng.randint(0, cfg.max_examples), mixed=mixed)
         return sample_from_segments(toks, p.segments, " " + p.answer, soft={"molecule"}, lm=False, keep=others)
 
     extra = [{"params": list(proj.parameters()), "lr": cfg.encoder_lr, "weight_decay": 0.0}] if trainable_proj else None
@@ -377,6 +398,8 @@ def _fix_adapter_config(d: Path) -> None:
     p = d / "adapter_config.json"
     c = json.loads(p.read_text())
     c["base_model_name_or_path"] = "../base"
+    if isinstance(c.get("target_modules"), list):  # PEFT writes a set: fix the order so rebuilds match
+        c["target_modules"] = sorted(c["target_modules"])
     p.write_text(json.dumps(c, indent=2, sort_keys=True))
     readme = d / "README.md"
     if readme.exists():

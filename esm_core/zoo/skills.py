@@ -145,7 +145,8 @@ SKILLS: tuple[Skill, ...] = (
 # heldout_skill_sets(skills=...)): a gene lookup in a ranked list, composition thresholds of a sequence
 # (net charge, GRAVY, ...), a sequence motif, a Swiss-Prot keyword, a rare PBMC type. The tiny zoo
 # specialists stayed near chance on them in pilot runs (e.g. protein composition: answer loss flat at
-# ln 2 for 800 steps), so the zoo trains the residue-presence questions instead.
+# ln 2 for 800 steps). Those pilots ran on an earlier base with tied embeddings, whose residue tokens
+# had collapsed together (BuildConfig.tie_embeddings); they were not re-tried on the untied base.
 EXTRA_SKILLS: tuple[Skill, ...] = (
     Skill("prot_pro_gly", "protein", "Are proline and glycine together at least 12.5 % of the sequence?",
           lambda r: _pf(r["sequence"])["pro_gly_fraction"] >= 0.125, "amino-acid counts"),
@@ -232,25 +233,30 @@ def demo_pools(demo, split: str, extra: dict[str, list[dict]] | None = None) -> 
 
 # ------------------------------------------------------------------------------------ prompts
 def skill_prompt(skill: Skill, query: dict[str, str], label: str | None, examples: list[tuple[str, str]]) -> Prompt:
-    """Mixed-modality prompt: examples show the asked modality only, the query holds all three."""
+    """Mixed-modality prompt: examples show the asked modality only, the query holds the modalities of
+    ``query`` (all three for a held-out question) in the fixed order molecule, protein, cell."""
     m = skill.modality
     exs = [Example([(FIELD[m], Item(m, raw))], lab) for raw, lab in examples]
-    q = Example([(FIELD[mm], Item(mm, query[mm])) for mm in MODALITIES])
+    q = Example([(FIELD[mm], Item(mm, query[mm])) for mm in MODALITIES if mm in query])
     p = few_shot_prompt(SYSTEM[m], skill.question, list(skill.labels), exs, q, answer=label)
     p.meta["skill"] = skill.name
     return p
 
 
 def sample_question(skill: Skill, pools: Pools, rng: random.Random, k: int, *, example_pools: Pools | None = None,
-                    want: bool | None = None) -> Prompt:
-    """A random balanced question of one skill from pools (examples from example_pools, default pools)."""
+                    want: bool | None = None, mixed: bool = True) -> Prompt:
+    """A random balanced question of one skill from pools (examples from example_pools, default pools).
+
+    mixed=False: the query holds only the asked modality (a single-modality prompt, as a specialist's
+    own training data has them); held-out questions are always mixed.
+    """
     pos, neg = pools.labelled(skill)
     want = rng.random() < 0.5 if want is None else want
     idx = rng.choice(pos if want else neg)
-    return _question(skill, pools, idx, want, rng, k, example_pools or pools)
+    return _question(skill, pools, idx, want, rng, k, example_pools or pools, mixed=mixed)
 
 
-def _question(skill, pools, idx, want, rng, k, ex_pools) -> Prompt:
+def _question(skill, pools, idx, want, rng, k, ex_pools, mixed: bool = True) -> Prompt:
     m = skill.modality
     epos, eneg = ex_pools.labelled(skill)
     examples = []
@@ -262,8 +268,10 @@ def _question(skill, pools, idx, want, rng, k, ex_pools) -> Prompt:
         examples.append((raw_of(m, ex_pools.rows[m][j]), skill.labels[0 if w else 1]))
     query = {}
     for mm in MODALITIES:
-        row = pools.rows[m][idx] if mm == m else rng.choice(pools.rows[mm])
-        query[mm] = raw_of(mm, row)
+        if mm == m:
+            query[mm] = raw_of(mm, pools.rows[m][idx])
+        elif mixed:
+            query[mm] = raw_of(mm, rng.choice(pools.rows[mm]))
     return skill_prompt(skill, query, skill.labels[0 if want else 1], examples)
 
 

@@ -133,7 +133,7 @@ def build_embeds(samples: list[Sample], embedding: nn.Embedding, soft: dict[str,
                 soft_at.append((b, len(ids), e))
                 ids.extend([-1] * e.shape[0])
             if mod is not None and mod in s.keep:
-                keep_at.extend((b, t) for t in range(start_p, len(ids)))
+                keep_at.extend((b, t, s.keep.index(mod)) for t in range(start_p, len(ids)))
         start = len(ids)
         for j, t in enumerate(s.answer):
             ans_pos.append((b, start - 1 + j, t))
@@ -154,10 +154,10 @@ def build_embeds(samples: list[Sample], embedding: nn.Embedding, soft: dict[str,
             vals.append(e)
         soft_x = torch.zeros_like(x).index_put((torch.cat(rows).to(dev), torch.cat(cols).to(dev)), torch.cat(vals))
         x = x + soft_x
-    keep_mask = torch.zeros(len(samples), T, dtype=torch.bool)
+    keep_mask = torch.full((len(samples), T), -1, dtype=torch.long)  # index into Sample.keep, -1 = not kept
     if keep_at:
-        kb, kt = zip(*keep_at)
-        keep_mask[list(kb), list(kt)] = True
+        kb, kt, km = zip(*keep_at)
+        keep_mask[list(kb), list(kt)] = torch.tensor(km, dtype=torch.long)
     return x, mask, ans_pos, ids_t, keep_mask.to(dev)
 
 
@@ -165,14 +165,20 @@ def batch_loss(lm, samples: list[Sample], soft: dict[str, SoftModality], *, lm_f
                rng: torch.Generator | None = None, keep_weight: float = 0.0, base_off=None) -> tuple[torch.Tensor, dict]:
     """Cross-entropy on answer tokens (+ on a random lm_frac of the other next-token targets).
 
-    keep_weight > 0 adds the mean relative squared distance between this model's and the base's block
-    outputs on the tokens of each sample's ``keep`` modalities (base = the same model inside the
-    ``base_off()`` context, e.g. PEFT's disable_adapter): a specialist may change how it reads its own
-    modality but should leave the others as the base has them, like a specialist that never saw them.
+    keep_weight > 0 adds a term that keeps the block outputs on the tokens of each sample's ``keep``
+    modalities where the base has them (base = the same model inside the ``base_off()`` context, e.g.
+    PEFT's disable_adapter): a specialist may change how it reads its own modality but should leave
+    the others alone, like a specialist that never saw them. The distance is in units of the base
+    states' spread, per modality and block: the mean over tokens and dimensions of
+    (h - h_base)^2 / var_base, with var_base the per-dimension variance of the batch's base states of
+    that modality -- the scale that the standardised SWD of METHOD.md (reference preset) sees. (A
+    distance relative to each token's norm let the cell specialist move the residue tokens, whose
+    states vary little, further than its own.) ``keep`` entries are matched by position in
+    Sample.keep, so all samples of a batch must list the kept modalities in the same order.
     """
     emb = lm.get_input_embeddings()
     x, mask, ans_pos, ids, keep_mask = build_embeds(samples, emb, soft, pad_id=0)
-    use_keep = keep_weight > 0 and bool(keep_mask.any())
+    use_keep = keep_weight > 0 and bool((keep_mask >= 0).any())
     out = lm.model(inputs_embeds=x, attention_mask=mask, use_cache=False, output_hidden_states=use_keep)
     hidden = out.last_hidden_state
     head = lm.lm_head
@@ -206,12 +212,18 @@ def batch_loss(lm, samples: list[Sample], soft: dict[str, SoftModality], *, lm_f
             ref = lm.model(inputs_embeds=x.detach(), attention_mask=mask, use_cache=False,
                            output_hidden_states=True).hidden_states
         terms = []
-        for h, hb in zip(out.hidden_states[1:], ref[1:]):
-            hs, hbs = h[keep_mask], hb[keep_mask]
-            terms.append(((hs - hbs).pow(2).sum(-1) / hbs.pow(2).sum(-1).clamp_min(1e-6)).mean())
-        keep_loss = torch.stack(terms).mean()
-        loss = loss + keep_weight * keep_loss
-        info["keep_loss"] = float(keep_loss.detach())
+        for j in range(int(keep_mask.max()) + 1):
+            sel = keep_mask == j
+            if int(sel.sum()) < 2:
+                continue
+            for h, hb in zip(out.hidden_states[1:], ref[1:]):
+                hs, hbs = h[sel], hb[sel]
+                var = hbs.var(0, unbiased=False).clamp_min(1e-6)
+                terms.append(((hs - hbs).pow(2) / var).mean())
+        if terms:
+            keep_loss = torch.stack(terms).mean()
+            loss = loss + keep_weight * keep_loss
+            info["keep_loss"] = float(keep_loss.detach())
     return loss, info
 
 
