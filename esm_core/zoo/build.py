@@ -255,7 +255,7 @@ def build_base(out: Path, pools, cfg: BuildConfig, progress=True, log=print) -> 
                       progress=progress, log=log)
     t_train = time.perf_counter() - t1
     d = out / "base"
-    lm.save_pretrained(d)
+    lm.save_pretrained(d, max_shard_size="8MB")  # untied 8k x 128 embeddings: keep each file under 10 MB
     tok.save_pretrained(d)
     return {"tokenizer_s": t_tok, "base_train_s": t_train, "base_history": hist, "vocab": len(tok),
             "base_parameters": sum(p.numel() for p in lm.parameters())}
