@@ -57,10 +57,11 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
 
-def _parse_value(s: str):
-    import yaml
+def _parse_value(s: str, where: str = "a NAME=VALUE argument"):
+    """A command-line value read as YAML (numbers, booleans, lists), with the config's safety limits."""
+    from .config import parse_yaml_text
 
-    return yaml.safe_load(s)
+    return parse_yaml_text(s, where)
 
 
 def _load_spec(args):
@@ -71,7 +72,7 @@ def _load_spec(args):
         if "=" not in item:
             raise ESMError(f"--set {item!r} is not NAME=VALUE.", fix="write e.g. --set tau_elem=0.3.")
         k, v = item.split("=", 1)
-        overrides[k.strip()] = _parse_value(v)
+        overrides[k.strip()] = _parse_value(v, f"--set {k.strip()}")
     if args.seed is not None:
         overrides["seed"] = args.seed
     if args.preset is not None:
@@ -79,8 +80,11 @@ def _load_spec(args):
     return load_run_spec(args.config, **overrides)
 
 
-def _protected(spec) -> list[str]:
-    return [spec.base, *[s.adapter for s in spec.specialists]]
+def spec_inputs(spec) -> list:
+    """Every path a run reads (base, adapters, encoders, probe data, the config): never an output."""
+    from .io import Input
+
+    return [Input(p, role) for p, role in spec.input_paths()]
 
 
 def _estimate(spec, args):
@@ -98,19 +102,21 @@ def _coef_add(p):
 
 
 def _coef_run(args) -> int:
-    from .merge import atomic_write_dir, build_manifest, check_output_dir
+    from .io import reserve_output
+    from .merge import build_manifest
     from .pipeline import save_result
 
     spec = _load_spec(args)
-    check_output_dir(args.out, overwrite=args.overwrite, protected=_protected(spec))
-    ws, res = _estimate(spec, args)
+    with reserve_output(args.out, kind="dir", overwrite=args.overwrite, inputs=spec_inputs(spec),
+                        command="coefficients") as target:
+        ws, res = _estimate(spec, args)
 
-    def write(tmp):
-        save_result(res, tmp / "coefficients.safetensors", include_states=args.with_states)
-        man = build_manifest(ws.sset, spec=spec, es_result=res)
-        (tmp / "manifest.json").write_text(json.dumps(man, indent=2, sort_keys=True, default=str))
+        def write(tmp):
+            save_result(res, tmp / "coefficients.safetensors", include_states=args.with_states)
+            man = build_manifest(ws.sset, spec=spec, es_result=res)
+            (tmp / "manifest.json").write_text(json.dumps(man, indent=2, sort_keys=True, default=str))
 
-    out = atomic_write_dir(args.out, write, overwrite=args.overwrite, protected=_protected(spec))
+        out = target.write_dir(write)
     _print_summary(res, out)
     return 0
 
@@ -137,7 +143,8 @@ def _merge_add(p):
 
 
 def _merge_run(args) -> int:
-    from .merge import MergeContext, check_output_dir, get_method, write_merged
+    from .io import reserve_output
+    from .merge import MergeContext, get_method, write_merged
     from .pipeline import Workspace
 
     spec = _load_spec(args)
@@ -145,22 +152,23 @@ def _merge_run(args) -> int:
     params = {}
     for item in args.param:
         if "=" not in item:
-            raise ESMError(f"--param {item!r} is not NAME=VALUE.")
+            raise ESMError(f"--param {item!r} is not NAME=VALUE.", fix="write e.g. --param density=0.3.")
         k, v = item.split("=", 1)
-        params[k.strip()] = _parse_value(v)
+        params[k.strip()] = _parse_value(v, f"--param {k.strip()}")
     method.resolve_params(params)  # fail before any heavy work
-    check_output_dir(args.out, overwrite=args.overwrite, protected=_protected(spec))
-    t0 = time.perf_counter()
-    res = None
-    if "es" in method.needs:
-        ws, res = _estimate(spec, args)
-    else:
-        ws = Workspace.from_spec(spec)
-    ctx = MergeContext.from_specialists(ws.sset, workspace=ws, es_result=res, seed=spec.method.seed,
-                                        progress=None if args.no_progress else tqdm_progress(method.pretty))
-    out = method.run(ctx, params)
-    out.info["merge_s"] = time.perf_counter() - t0
-    path = write_merged(args.out, out, ws.sset, spec=spec, es_result=res, ctx=ctx, overwrite=args.overwrite)
+    with reserve_output(args.out, kind="dir", overwrite=args.overwrite, inputs=spec_inputs(spec),
+                        command="merge") as target:
+        t0 = time.perf_counter()
+        res = None
+        if "es" in method.needs:
+            ws, res = _estimate(spec, args)
+        else:
+            ws = Workspace.from_spec(spec)
+        ctx = MergeContext.from_specialists(ws.sset, workspace=ws, es_result=res, seed=spec.method.seed,
+                                            progress=None if args.no_progress else tqdm_progress(method.pretty))
+        out = method.run(ctx, params)
+        out.info["merge_s"] = time.perf_counter() - t0
+        path = write_merged(target, out, ws.sset, spec=spec, es_result=res, ctx=ctx)
     if res is not None:
         _print_summary(res, path)
     print(f"merged adapter ({method.pretty}) written to {path}")

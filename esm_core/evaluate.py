@@ -749,9 +749,7 @@ def _common_args(p) -> None:
 
 
 def _setup(args, *, probes: bool = False):
-    cfg = args.config or default_config()
-    if cfg is None:
-        raise ESMError("No run config given and assets/zoo/run.yaml does not exist.", fix="pass --config run.yaml.")
+    cfg = _config_path(args)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -768,6 +766,9 @@ def _setup(args, *, probes: bool = False):
             print(f"skipped: {msg}", flush=True)
             skipped.append(msg)
             tasks.remove(t)
+    if not tasks:  # before the models load
+        raise ESMError("No task could be evaluated: every task was skipped (" + "; ".join(skipped)[:400] + ").",
+                       fix="check --task and --data-dir (the data directory must hold the task files).")
     ws = load_models(cfg, probes=probes)
     answerer = BatchedAnswerer(ws.sset, ws.encoders, batch_size=args.batch_size)
     return cfg, modes, tasks, skipped, ws, answerer
@@ -784,10 +785,49 @@ def _prog(args, desc):
 def _evaluate_add(p) -> None:
     _common_args(p)
     p.add_argument("--model", default="base", help="'base', a specialist name, or a PEFT adapter directory.")
-    p.add_argument("--out", default=None, help="JSON file for scores, task facts and per-row predictions.")
+    p.add_argument("--out", default=None, help="JSON file for scores, task facts and per-row predictions "
+                   "(refused if it exists, unless --overwrite; never an input).")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing --out file.")
+
+
+def _config_path(args) -> Path:
+    cfg = args.config or default_config()
+    if cfg is None:
+        raise ESMError("No run config given and assets/zoo/run.yaml does not exist.", fix="pass --config run.yaml.")
+    return Path(cfg)
+
+
+def _inputs(args) -> list:
+    """Every path evaluate/compare read: the run's inputs, the task data directory, an adapter --model."""
+    from .cli import spec_inputs
+    from .config import load_run_spec
+    from .io import Input
+    from .tasks import default_data_dir
+
+    out = spec_inputs(load_run_spec(_config_path(args)))
+    data = Path(args.data_dir) if args.data_dir else default_data_dir()
+    if data is not None:
+        out.append(Input(str(data), "task data directory"))
+    model = getattr(args, "model", None)
+    if model and model != "base" and Path(model).exists():
+        out.append(Input(model, "adapter directory given as --model"))
+    return out
 
 
 def _evaluate_run(args) -> int:
+    import contextlib
+
+    from .io import reserve_output
+
+    with contextlib.ExitStack() as stack:
+        target = None
+        if args.out:
+            target = stack.enter_context(reserve_output(args.out, kind="file", overwrite=args.overwrite,
+                                                        inputs=_inputs(args), command="evaluate"))
+        return _evaluate(args, target)
+
+
+def _evaluate(args, target) -> int:
     cfg, modes, tasks, skipped, ws, answerer = _setup(args)
     name, adapter = resolve_model(ws, args.model)
     rep = Report(skipped=skipped, meta=dict(command="evaluate", settings=_settings(args), config=str(cfg),
@@ -802,10 +842,9 @@ def _evaluate_run(args) -> int:
         rep.add_references(tp, n_boot=args.n_boot, seed=args.seed)
         print(f"{task.name}: {len(tp.prompts)} prompts in {res.seconds:.1f}s", flush=True)
     print(rep.markdown(modes))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rep.to_json(), indent=1, default=str))
-        print(f"written {args.out}")
+    if target is not None:
+        target.write_file(json.dumps(rep.to_json(), indent=1, default=str))
+        print(f"written {target.path}")
     return 0
 
 
@@ -822,7 +861,9 @@ def _compare_add(p) -> None:
     p.add_argument("--data-scope", choices=("task", "suite"), default="task",
                    help="Methods that learn from data: one merge per task on its training prompts (task), or one "
                         "merge on the training prompts of every task together (suite, AdaMerging's multi-task setting).")
-    p.add_argument("--out", required=True, help="Output folder: table.md, table.csv, results.json.")
+    p.add_argument("--out", required=True, help="Output folder: table.md, table.csv, results.json (refused if it "
+                   "exists, unless --overwrite replaces a folder this tool wrote; never an input).")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing --out folder written by esm_core.")
 
 
 def _method_params(items: list[str]) -> dict[str, dict]:
@@ -834,7 +875,7 @@ def _method_params(items: list[str]) -> dict[str, dict]:
             raise ESMError(f"--param {it!r} is not METHOD.NAME=VALUE.", fix="write e.g. --param ties.density=0.3.")
         k, v = it.split("=", 1)
         m, n = k.split(".", 1)
-        out.setdefault(m.strip(), {})[n.strip()] = _parse_value(v)
+        out.setdefault(m.strip(), {})[n.strip()] = _parse_value(v, f"--param {k.strip()}")
     return out
 
 
@@ -855,23 +896,29 @@ def merged_adapter(ws, method, params: dict, *, es_result=None, data=None, seed:
 
 
 def _compare_run(args) -> int:
+    from .io import reserve_output
     from .merge import get_method, list_methods
-    from .pipeline import estimate
 
-    out_dir = Path(args.out)
+    # argument mistakes first (before the output is reserved and before any heavy work)
     params = _method_params(args.param)
     methods = ([m.name for m in list_methods()] if args.methods.strip().lower() == "all"
                else [m.strip() for m in args.methods.split(",") if m.strip()])
     resolved = {m: get_method(m) for m in methods}
     for m, meth in resolved.items():
-        meth.resolve_params(params.get(m))  # fail before heavy work
+        meth.resolve_params(params.get(m))
     for m in sorted(set(params) - set(resolved)):
         get_method(m)  # a typo is an error; a known method that is not compared is only noted
         print(f"note: --param for {m!r} ignored: it is not among the compared methods.", flush=True)
+    with reserve_output(args.out, kind="dir", overwrite=args.overwrite, inputs=_inputs(args),
+                        command="compare") as target:
+        return _compare(args, target, params, methods, resolved)
+
+
+def _compare(args, target, params: dict, methods: list[str], resolved: dict) -> int:
+    from .pipeline import estimate
+
     needs_es = any("es" in m.needs for m in resolved.values())
     cfg, modes, tasks, skipped, ws, answerer = _setup(args, probes=needs_es)
-    if not tasks:
-        raise ESMError("No task could be loaded.", fix="check --data-dir; skipped: " + "; ".join(skipped))
     t_all = time.perf_counter()
     rep = Report(skipped=skipped, meta=dict(command="compare", settings=_settings(args), config=str(cfg),
                                             methods=methods, n=args.n,
@@ -930,11 +977,14 @@ def _compare_run(args) -> int:
             ws.sset.remove_adapter(name)
     rep.meta["total_s"] = time.perf_counter() - t_all
     rep.meta["device"] = str(ws.sset.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
     md = rep.markdown(modes)
-    (out_dir / "table.md").write_text(md + "\n")
-    rep.write_csv(out_dir / "table.csv")
-    (out_dir / "results.json").write_text(json.dumps(rep.to_json(), indent=1, default=str))
+
+    def write(tmp: Path) -> None:
+        (tmp / "table.md").write_text(md + "\n")
+        rep.write_csv(tmp / "table.csv")
+        (tmp / "results.json").write_text(json.dumps(rep.to_json(), indent=1, default=str))
+
+    out_dir = target.write_dir(write)
     print(md)
     print(f"written {out_dir}/table.md, table.csv, results.json")
     return 0

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import ESMError
+from .io import Input
 from .specialists import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterWeights, LoraKey
 
 
@@ -111,25 +110,49 @@ class MergeMethod:
         out = {}
         for p in self.params:
             v = given.get(p.name, p.default)
-            try:
-                if p.kind == "float":
-                    v = float(v)
-                elif p.kind == "int":
-                    v = int(v)
-                elif p.kind == "bool":
-                    v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
-            except (TypeError, ValueError):
-                raise ESMError(f"Parameter {p.name}={v!r} of {self.name!r} is not a {p.kind}.") from None
-            if p.kind == "choice" and v not in p.choices:
-                raise ESMError(f"Parameter {p.name}={v!r} of {self.name!r} is not allowed.",
-                               fix=f"choose one of {list(p.choices)}.")
-            if p.min is not None and v < p.min or p.max is not None and v > p.max:
-                lo = "-inf" if p.min is None else p.min
-                hi = "inf" if p.max is None else p.max
-                raise ESMError(f"Parameter {p.name}={v!r} of {self.name!r} is out of range [{lo}, {hi}].",
-                               fix=f"choose a value between {lo} and {hi} ({p.help})")
-            out[p.name] = v
+            out[p.name] = self._check_param(p, v)
         return out
+
+    def _check_param(self, p: Param, v):
+        from .config import short_repr
+
+        def bad(what: str):
+            return ESMError(f"Parameter {p.name}={short_repr(v)} of {self.name!r} is not {what}.",
+                            fix=f"give {p.name} {what} ({p.help})")
+
+        if p.kind == "float":
+            if isinstance(v, str):
+                try:
+                    v = float(v)
+                except ValueError:
+                    raise bad("a number") from None
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise bad("a number")
+            v = float(v)
+            if v != v or v in (float("inf"), float("-inf")):
+                raise bad("a finite number")
+        elif p.kind == "int":
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad("a whole number")
+        elif p.kind == "bool":
+            if not isinstance(v, bool):
+                raise bad("true or false")
+        elif p.kind == "choice":
+            if v not in p.choices:
+                raise ESMError(f"Parameter {p.name}={short_repr(v)} of {self.name!r} is not allowed.",
+                               fix=f"choose one of {list(p.choices)}.")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)  # e.g. --param weights=1 (YAML reads a number)
+        elif not isinstance(v, str):
+            raise bad("text")
+        if p.min is not None and v < p.min or p.max is not None and v > p.max:
+            lo = "-inf" if p.min is None else p.min
+            hi = "inf" if p.max is None else p.max
+            raise ESMError(f"Parameter {p.name}={short_repr(v)} of {self.name!r} is out of range [{lo}, {hi}].",
+                           fix=f"choose a value between {lo} and {hi} ({p.help})")
+        return v
 
     def run(self, ctx: MergeContext, params: dict | None = None) -> MergeOutput:
         resolved = self.resolve_params(params)
@@ -265,49 +288,6 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def check_output_dir(out_dir: str | Path, *, overwrite: bool, protected: list[str | Path] = ()) -> Path:
-    """Refuse early: an existing output without --overwrite, or an output that is one of the inputs."""
-    out = Path(out_dir).resolve()
-    for p in protected:
-        if p and Path(p).resolve() == out:
-            raise ESMError(f"Output directory {str(out)!r} is one of the input models/adapters; it is never "
-                           "overwritten.", fix="choose another --out directory.")
-        if p and Path(p).resolve() in out.parents:
-            raise ESMError(f"Output directory {str(out)!r} lies inside input {str(p)!r}.",
-                           fix="choose an --out directory outside the inputs.")
-    if out.exists() and not overwrite:
-        raise ESMError(f"Output directory {str(out)!r} already exists.",
-                       fix="choose a new --out directory or pass --overwrite.")
-    if out.exists() and not out.is_dir():
-        raise ESMError(f"Output path {str(out)!r} exists and is not a directory.")
-    return out
-
-
-def atomic_write_dir(out_dir: str | Path, write: Callable[[Path], None], *, overwrite: bool = False,
-                     protected: list[str | Path] = ()) -> Path:
-    """Run write(tmp_dir), then move tmp_dir to out_dir in one rename; nothing half-written is left."""
-    out = check_output_dir(out_dir, overwrite=overwrite, protected=protected)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def save_adapter_files(directory: Path, tensors: dict[LoraKey, torch.Tensor], template: AdapterWeights,
                        config: dict, dtype: torch.dtype | None = None) -> None:
     """adapter_config.json + adapter_model.safetensors with the template's key names (stock PEFT format)."""
@@ -319,44 +299,66 @@ def save_adapter_files(directory: Path, tensors: dict[LoraKey, torch.Tensor], te
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def write_merged(out_dir: str | Path, out: MergeOutput, sset, *, spec=None, es_result=None, ctx: MergeContext | None = None,
+def merged_inputs(sset, spec=None) -> list[Input]:
+    """Every path a merge reads: base, adapters and (with a run spec) encoders, probe data, the config."""
+    from .io import Input
+
+    out = [Input(sset.base_path, "base model")]
+    out += [Input(a.path, f"adapter of {n!r}") for n, a in sset.adapters.items() if a.path]
+    if spec is not None:
+        out += [Input(p, role) for p, role in spec.input_paths()]
+    return out
+
+
+def write_merged(out_dir, out: MergeOutput, sset, *, spec=None, es_result=None, ctx: MergeContext | None = None,
                  overwrite: bool = False, manifest_extra: dict | None = None) -> Path:
-    """Write a merged adapter directory atomically (adapter, coefficients, encoders, manifest)."""
+    """Write a merged adapter directory atomically (adapter, coefficients, encoders, manifest).
+
+    ``out_dir``: a path (checked and locked by esm_core.io.reserve_output here) or a Reservation
+    the caller made before its heavy work."""
+    from .io import Reservation, reserve_output
+
+    if isinstance(out_dir, Reservation):
+        return out_dir.write_dir(lambda tmp: write_merged_into(tmp, out, sset, spec=spec, es_result=es_result, ctx=ctx,
+                                                               manifest_extra=manifest_extra))
+    with reserve_output(out_dir, kind="dir", overwrite=overwrite, inputs=merged_inputs(sset, spec),
+                        command="merge") as r:
+        return write_merged(r, out, sset, spec=spec, es_result=es_result, ctx=ctx, manifest_extra=manifest_extra)
+
+
+def write_merged_into(tmp: Path, out: MergeOutput, sset, *, spec=None, es_result=None,
+                      ctx: MergeContext | None = None, manifest_extra: dict | None = None) -> None:
+    """The files of a merged adapter directory, written into the (empty, temporary) directory tmp."""
     t0 = time.perf_counter()
     template = sset.adapters[sset.names[0]]
     folded = bool(ctx.folded) if ctx is not None else False
     cfg = merged_config(template, sset.base_path, folded)
-    protected = [sset.base_path, *[a.path for a in sset.adapters.values()]]
+    save_adapter_files(tmp, out.tensors, template, cfg)
+    coef = {}
+    if es_result is not None:
+        from .pipeline import result_metadata, result_tensors
 
-    def write(tmp: Path):
-        save_adapter_files(tmp, out.tensors, template, cfg)
-        coef = {}
-        if es_result is not None:
-            from .pipeline import result_metadata, result_tensors
+        coef.update(result_tensors(es_result))
+        meta = result_metadata(es_result)
+    else:
+        meta = {"format": "esm_core.merge_coefficients/1", "specialists": json.dumps(sset.names)}
+    if out.coefficients is not None:
+        # the coefficients this merge used (e.g. an ES merge in another mode than the estimation's)
+        coef.update({f"lambda/{k}": v.float().contiguous() for k, v in out.coefficients.items()})
+        meta["merge_method"] = str(out.info.get("method", ""))
+        meta["merge_info"] = json.dumps(out.info, default=str)
+    coef.update({k: v.detach().float().contiguous().cpu() for k, v in out.extra_tensors.items()})
+    if coef:
+        from safetensors.torch import save_file
 
-            coef.update(result_tensors(es_result))
-            meta = result_metadata(es_result)
-        else:
-            meta = {"format": "esm_core.merge_coefficients/1", "specialists": json.dumps(sset.names)}
-        if out.coefficients is not None:
-            # the coefficients this merge used (e.g. an ES merge in another mode than the estimation's)
-            coef.update({f"lambda/{k}": v.float().contiguous() for k, v in out.coefficients.items()})
-            meta["merge_method"] = str(out.info.get("method", ""))
-            meta["merge_info"] = json.dumps(out.info, default=str)
-        coef.update({k: v.detach().float().contiguous().cpu() for k, v in out.extra_tensors.items()})
-        if coef:
-            from safetensors.torch import save_file
-
-            save_file(coef, str(tmp / "coefficients.safetensors"), metadata=meta)
-        enc = _copy_encoders(tmp, spec)
-        manifest = build_manifest(sset, spec=spec, es_result=es_result, out=out, folded=folded,
-                                  scalings=ctx.scalings if ctx else {}, encoders=enc)
-        manifest["timings"].update({"write_s": time.perf_counter() - t0})
-        if manifest_extra:
-            manifest.update(manifest_extra)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-
-    return atomic_write_dir(out_dir, write, overwrite=overwrite, protected=protected)
+        save_file(coef, str(tmp / "coefficients.safetensors"), metadata=meta)
+    enc = _copy_encoders(tmp, spec)
+    manifest = build_manifest(sset, spec=spec, es_result=es_result, out=out, folded=folded,
+                              scalings=ctx.scalings if ctx else {}, encoders=enc)
+    manifest["timings"].update({"write_s": time.perf_counter() - t0})
+    if manifest_extra:
+        manifest.update(manifest_extra)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
 
 
 def _copy_encoders(tmp: Path, spec) -> dict:
@@ -419,13 +421,13 @@ def build_manifest(sset, *, spec=None, es_result=None, out: MergeOutput | None =
 # ------------------------------------------------------------------------------------ for the app
 def merged_files(out: MergeOutput, sset, *, spec=None, es_result=None, folded: bool = False,
                  scalings: dict | None = None, manifest_extra: dict | None = None) -> dict[str, bytes]:
-    """Every file of the merged adapter directory (``write_merged`` into a temporary directory), by
-    relative path: adapter_config.json, adapter_model.safetensors, coefficients.safetensors (when the
-    method has coefficients), encoders.json + encoders/..., manifest.json. Nothing is left on disk."""
+    """Every file of the merged adapter directory (written into a temporary directory), by relative
+    path: adapter_config.json, adapter_model.safetensors, coefficients.safetensors (when the method
+    has coefficients), encoders.json + encoders/..., manifest.json. Nothing is left on disk."""
     ctx = MergeContext(names=list(sset.names), tensors={}, folded=bool(folded), scalings=dict(scalings or {}))
     with tempfile.TemporaryDirectory(prefix="esm_merged_") as tmp:
-        d = write_merged(Path(tmp) / "merged", out, sset, spec=spec, es_result=es_result, ctx=ctx,
-                         manifest_extra=manifest_extra)
+        d = Path(tmp)
+        write_merged_into(d, out, sset, spec=spec, es_result=es_result, ctx=ctx, manifest_extra=manifest_extra)
         return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 

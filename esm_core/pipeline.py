@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .coefficients import (ElementSignals, LayerSignals, combine, element_coefficients, layer_coefficients,
                            modality_weights, stack_scores, swd_matrix)
-from .config import MethodConfig, RunSpec
+from .config import MethodConfig, RunSpec, changed_fields, fields_of_stage
 from .encoders import build_encoder
 from .errors import ESMError
 from .probe import HiddenStates, ProbeBatcher, ProbeSet, ProgressFn, build_probes
@@ -29,11 +29,11 @@ from .samples import read_table
 from .signals import compute_signals
 from .specialists import LoraKey, SpecialistSet
 
-# Which settings invalidate what (everything else is cheap to recompute from cached signals).
-PASS_FIELDS = frozenset({"layout", "probes_per_modality", "min_probes", "max_modality_tokens", "max_probe_tokens",
-                         "element_signal", "element_modalities", "element_group", "seed", "device", "dtype",
-                         "token_layers", "batch_size"})
-SWD_FIELDS = frozenset({"n_projections", "swd_p", "standardize"})
+# Which settings invalidate what, as config.py declares it per field (everything else is cheap to
+# recompute from cached signals).
+PROBE_FIELDS = fields_of_stage("probes")
+PASS_FIELDS = fields_of_stage("probes", "pass")
+SWD_FIELDS = fields_of_stage("swd")
 
 
 @dataclass
@@ -111,8 +111,7 @@ class Workspace:
 
     def _needs_new_probes(self, cfg: MethodConfig) -> bool:
         old = self._batcher_cfg
-        return any(getattr(old, f) != getattr(cfg, f) for f in
-                   ("layout", "probes_per_modality", "min_probes", "max_modality_tokens", "max_probe_tokens", "seed"))
+        return any(getattr(old, f) != getattr(cfg, f) for f in PROBE_FIELDS)
 
 
 def read_probe_samples(spec: RunSpec) -> dict[str, list]:
@@ -165,11 +164,6 @@ def _from_signals(names, own, modalities, states, scores, cfg, shapes, timings=N
     timings["swd_s"] = t_swd
     return ESResult(cfg, list(names), list(own), list(modalities), layer, element, lam, emd, states,
                     timings=timings, scores=scores)
-
-
-def changed_fields(a: MethodConfig, b: MethodConfig) -> set[str]:
-    return {f.name for f in fields(MethodConfig) if f.name not in ("preset", "overridden")
-            and getattr(a, f.name) != getattr(b, f.name)}
 
 
 def recompute(res: ESResult, cfg: MethodConfig, ws: Workspace | None = None, *,

@@ -194,6 +194,7 @@ def read_adapter(path: str | Path, name: str) -> AdapterWeights:
         for ab in "AB":
             if LoraKey(layer, module, ab) not in tensors:
                 raise ESMError(f"Adapter {name!r}: module layers.{layer}.{module} has no lora_{ab} tensor.")
+    check_config_matches_weights(name, cfg, tensors, paths)
     for k, t in tensors.items():
         if t.ndim != 2:
             raise ESMError(f"Adapter {name!r}: {k} has shape {tuple(t.shape)}; only linear-layer LoRA "
@@ -206,27 +207,86 @@ def read_adapter(path: str | Path, name: str) -> AdapterWeights:
                           module_paths=paths)
 
 
+def _targets(cfg: dict, mpath: str, layer: int) -> bool:
+    """Whether PEFT would put this adapter on module ``mpath`` (its target_modules / layers_to_transform)."""
+    tm = cfg.get("target_modules")
+    if tm is None:
+        return True  # PEFT then uses the architecture's defaults; nothing to compare against
+    if isinstance(tm, str):
+        hit = tm == "all-linear" or re.fullmatch(tm, mpath) is not None
+    else:
+        hit = any(mpath == t or mpath.endswith("." + str(t)) for t in tm)
+    ex = cfg.get("exclude_modules")
+    if hit and ex:
+        if isinstance(ex, str):
+            hit = re.fullmatch(ex, mpath) is None
+        else:
+            hit = not any(mpath == t or mpath.endswith("." + str(t)) for t in ex)
+    lt = cfg.get("layers_to_transform")
+    if hit and lt is not None:
+        hit = layer in ([lt] if isinstance(lt, int) else list(lt))
+    return hit
+
+
+def check_config_matches_weights(name: str, cfg: dict, tensors: dict, paths: dict) -> None:
+    """adapter_config.json must describe the weights: the same rank, and target_modules that cover
+    every adapted module (else PEFT skips those weights without a word)."""
+    for (layer, module), mpath in sorted(paths.items()):
+        a = tensors.get(LoraKey(layer, module, "A"))
+        if a is None or a.ndim != 2:
+            continue  # named by the checks that follow
+        r = _pattern_value(cfg.get("rank_pattern") or {}, mpath, int(cfg.get("r", 8)))
+        if int(a.shape[0]) != int(r):
+            raise ESMError(f"Adapter {name!r}: adapter_config.json says rank r={r} for {mpath}, but its lora_A "
+                           f"weight has rank {a.shape[0]} (shape {tuple(a.shape)}).",
+                           fix="use the adapter_config.json saved with these weights (or correct 'r').")
+        if not _targets(cfg, mpath, layer):
+            raise ESMError(f"Adapter {name!r}: its weights adapt {mpath}, which adapter_config.json does not target "
+                           f"(target_modules={cfg.get('target_modules')!r}); PEFT would skip those weights.",
+                           fix="use the adapter_config.json saved with these weights (or correct target_modules).")
+
+
+def _block_summary(pairs) -> str:
+    by_mod: dict[str, list[int]] = {}
+    for l, m in sorted(pairs):
+        by_mod.setdefault(m, []).append(l)
+    return ", ".join(f"{m} (blocks {','.join(map(str, ls[:6]))}{'...' if len(ls) > 6 else ''})"
+                     for m, ls in by_mod.items())
+
+
 def check_adapters_agree(adapters: list[AdapterWeights], *, same_rank: bool = True) -> None:
-    """Refuse adapters that cannot be merged element by element, naming the culprit."""
-    ref = adapters[0]
-    ref_mods = set(ref.modules())
-    for ad in adapters[1:]:
-        mods = set(ad.modules())
-        if mods != ref_mods:
-            def summary(pairs):
-                by_mod: dict[str, list[int]] = {}
-                for l, m in sorted(pairs):
-                    by_mod.setdefault(m, []).append(l)
-                return ", ".join(f"{m} (blocks {','.join(map(str, ls[:6]))}{'...' if len(ls) > 6 else ''})"
-                                 for m, ls in by_mod.items())
+    """Refuse adapters that cannot be merged element by element, naming the adapter that differs from
+    the others (the majority's module set; with no majority, the first two that differ)."""
+    from collections import Counter
+
+    sets = [frozenset(a.modules()) for a in adapters]
+    counts = Counter(sets)
+    if len(counts) > 1:
+        (top, n_top), *rest = counts.most_common()
+        majority = top if n_top > rest[0][1] else None
+        if majority is not None:
+            ad = next(a for a, m in zip(adapters, sets) if m != majority)
+            mods, others = set(ad.modules()), [a.name for a, m in zip(adapters, sets) if m == majority]
             parts = []
-            if ref_mods - mods:
-                parts.append("lacks " + summary(ref_mods - mods))
-            if mods - ref_mods:
-                parts.append("adds " + summary(mods - ref_mods))
-            raise ESMError(f"Adapter {ad.name!r} targets different modules than {ref.name!r}: "
-                           f"it {' and '.join(parts)}.",
-                           fix="use specialists trained with the same target_modules.")
+            if majority - mods:
+                parts.append("lacks " + _block_summary(majority - mods))
+            if mods - majority:
+                parts.append("adds " + _block_summary(mods - majority))
+            raise ESMError(f"Adapter {ad.name!r} targets different modules than the other specialists "
+                           f"({', '.join(map(repr, others))}): it {' and '.join(parts)}.",
+                           fix=f"use a {ad.name!r} adapter trained with the same target_modules as the others.")
+        # no majority (e.g. two adapters): say how the second differs from the first
+        a, b = adapters[0], next(x for x, m in zip(adapters, sets) if m != sets[0])
+        ma, mb = set(a.modules()), set(b.modules())
+        parts = []
+        if ma - mb:
+            parts.append("lacks " + _block_summary(ma - mb))
+        if mb - ma:
+            parts.append("adds " + _block_summary(mb - ma))
+        raise ESMError(f"Adapter {b.name!r} targets different modules than {a.name!r}: it {' and '.join(parts)}.",
+                       fix="use specialists trained with the same target_modules.")
+    ref = adapters[0]
+    for ad in adapters[1:]:
         if same_rank:
             for k in sorted(ref.tensors):
                 a, b = ref.tensors[k].shape, ad.tensors[k].shape
@@ -265,6 +325,20 @@ def check_adapter_fits_base(ad: AdapterWeights, model: nn.Module, num_layers: in
                            f"(lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; base linear "
                            f"{mod.in_features} -> {mod.out_features}). It was trained on a base of another "
                            "size.", fix="pick adapters trained on this base model.")
+    held = set(ad.module_paths.values())
+    blocks = find_decoder_layers(model)
+    prefix = next((n for n, m in model.named_modules() if m is blocks), "model.layers")
+    missing = []
+    for name, mod in modules.items():
+        if not isinstance(mod, nn.Linear) or not name.startswith(prefix + "."):
+            continue
+        layer = int(name[len(prefix) + 1:].split(".", 1)[0])
+        if name not in held and _targets(ad.config, name, layer) and ad.config.get("target_modules") != "all-linear":
+            missing.append(name)
+    if missing:
+        raise ESMError(f"Adapter {ad.name!r}: adapter_config.json targets {len(missing)} module(s) that its weights "
+                       f"lack (e.g. {missing[0]}); PEFT would give them fresh random factors.",
+                       fix="use the adapter_config.json saved with these weights (or correct target_modules).")
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:

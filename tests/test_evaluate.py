@@ -287,8 +287,9 @@ def test_cli_evaluate_table_json_and_skips(cli_env, world, capsys):
     assert "error:" in capsys.readouterr().err
     assert cli(args + ["--modes", "vibes"]) == 2
     capsys.readouterr()
-    assert cli(args + ["--min-test-rows", "13"]) == 0
-    assert "'human' skipped: 12 test rows" in capsys.readouterr().out
+    assert cli(args + ["--min-test-rows", "13"]) == 2  # every task skipped: an error, not an empty success
+    got = capsys.readouterr()
+    assert "'human' skipped: 12 test rows" in got.out and "every task was skipped" in got.err
 
 
 def test_cli_compare_table_csv(cli_env, capsys):

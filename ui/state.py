@@ -20,7 +20,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from esm_core.config import MethodConfig, RunSpec, run_spec_to_dict
+from esm_core.config import MethodConfig, RunSpec, changed_fields, run_spec_to_dict
+from esm_core.pipeline import PASS_FIELDS, SWD_FIELDS
 from esm_core.errors import ESMError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,15 +171,12 @@ def workspace():
 
 
 # ------------------------------------------------------------------------------------ results
-_PASS = ("layout", "probes_per_modality", "min_probes", "max_modality_tokens", "max_probe_tokens",
-         "element_signal", "element_modalities", "element_group", "seed", "device", "dtype", "token_layers",
-         "batch_size")
 
 
 def run_key(cfg: MethodConfig | None = None) -> str:
     cfg = cfg or method()
     need_element = cfg.mode != "layer"
-    return f"{spec_key(spec())}:{samples_key()}:{cfg.fingerprint(*_PASS)}:{int(need_element)}"
+    return f"{spec_key(spec())}:{samples_key()}:{cfg.fingerprint(*sorted(PASS_FIELDS))}:{int(need_element)}"
 
 
 @st.cache_resource(show_spinner=False)
@@ -237,8 +235,6 @@ def has_result() -> bool:
 def result(cfg: MethodConfig | None = None):
     """The current result, re-derived for cfg (default: the current config) without a new pass when
     only cheap settings differ; None when nothing was run yet or the change needs a new pass."""
-    from esm_core.pipeline import PASS_FIELDS, changed_fields
-
     cfg = cfg or method()
     base = st.session_state.get("base_result")
     if base is None:
@@ -248,7 +244,7 @@ def result(cfg: MethodConfig | None = None):
         return base
     if ch & PASS_FIELDS or (cfg.mode != "layer" and base.scores is None):
         return None
-    if base.states is None and ch & {"n_projections", "swd_p", "standardize"}:
+    if base.states is None and ch & SWD_FIELDS:
         return None
     return _derived(st.session_state.get("run_key", "loaded"), cfg.fingerprint(), base, cfg)
 

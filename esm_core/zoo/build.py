@@ -438,11 +438,16 @@ def build_zoo(out_dir: str | Path, cfg: BuildConfig | None = None, *, demo_dir: 
               data_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
               evaluate: bool = True, log=None) -> Path:
     """Build the whole zoo into out_dir (atomic); returns the directory."""
-    from ..merge import atomic_write_dir, check_output_dir
+    from ..io import Input, reserve_output
 
     cfg = cfg or BuildConfig()
-    out_final = check_output_dir(out_dir, overwrite=overwrite)
     demo_dir = Path(demo_dir) if demo_dir else zdata.DEMO_DIR
+    inputs = [Input(str(demo_dir), "demo data directory")]
+    if data_dir:
+        inputs.append(Input(str(data_dir), "data directory"))
+    target = reserve_output(out_dir, kind="dir", overwrite=overwrite, inputs=inputs, command="zoo build",
+                            log=log)
+    out_final = target.path
     demo = zdata.load_demo(demo_dir)
     logs: list[str] = []
 
@@ -486,7 +491,8 @@ def build_zoo(out_dir: str | Path, cfg: BuildConfig | None = None, *, demo_dir: 
         (tmp / "build.json").write_text(json.dumps(info, indent=1, default=str))
 
     try:
-        path = atomic_write_dir(out_final, write, overwrite=overwrite)
+        with target:
+            path = target.write_dir(write)
     finally:
         torch.set_num_threads(old_threads)
     _log(f"zoo written to {path} ({info.get('build_s', 0):.0f}s build, {_dir_mb(path):.1f} MB)")

@@ -42,19 +42,24 @@ def _add(p: argparse.ArgumentParser) -> None:
     s.add_argument("--k", type=int, default=1, help="In-context examples per question (the zoo was trained with 0-1).")
     s.add_argument("--skills", default=None, help="Comma-separated skill names (default: all).")
     s.add_argument("--how", default="likelihood,generation", help="likelihood and/or generation.")
-    s.add_argument("--json", default=None, help="Also write the per-skill rows to this JSON file.")
+    s.add_argument("--json", default=None, help="Also write the per-skill rows to this JSON file (refused if it "
+                   "exists, unless --overwrite).")
+    s.add_argument("--overwrite", action="store_true", help="Replace an existing --json file.")
     s.add_argument("--no-progress", action="store_true")
 
     r = sub.add_parser("results", help="Retention table of ES (both presets x 3 modes) and average -> RESULTS.md.")
     r.add_argument("--zoo", default=None, help="Zoo directory (default assets/zoo).")
-    r.add_argument("--out", default=None, help="Markdown output (default: RESULTS.md in the zoo directory).")
+    r.add_argument("--out", default=None, help="Markdown output (default: RESULTS.md in the zoo directory; "
+                   "refused if it exists, unless --overwrite).")
+    r.add_argument("--overwrite", action="store_true", help="Replace an existing --out file.")
     r.add_argument("--per-label", type=int, default=40)
     r.add_argument("--k", type=int, default=1, help="In-context examples per question.")
     r.add_argument("--no-progress", action="store_true")
 
     d = sub.add_parser("demo-data", help="Write the demo CSVs + SOURCES.md from the registry data.")
-    d.add_argument("--out", required=True)
-    d.add_argument("--data", default=None)
+    d.add_argument("--out", required=True, help="Output folder (refused if it exists, unless --overwrite "
+                   "replaces a folder this tool wrote).")
+    d.add_argument("--data", default=None, help="Shared data directory (default ../shared/data or $ESM_DATA_DIR).")
     d.add_argument("--overwrite", action="store_true")
 
 
@@ -81,6 +86,22 @@ def _build(args) -> int:
 
 
 def _skills(args) -> int:
+    import contextlib
+
+    from ..io import Input, reserve_output
+    from . import ZOO_DIR
+
+    with contextlib.ExitStack() as stack:
+        target = None
+        if args.json:
+            inputs = [Input(str(args.zoo or ZOO_DIR), "zoo directory")]
+            inputs += [Input(d, "merged adapter directory") for d in args.merged]
+            target = stack.enter_context(reserve_output(args.json, kind="file", overwrite=args.overwrite,
+                                                        inputs=inputs, what="--json", command="zoo skills"))
+        return _skills_run(args, target)
+
+
+def _skills_run(args, target) -> int:
     from . import load_skill_sets, load_zoo
     from .report import own_other_table
     from .skills import SKILL_BY_NAME, measure_skills
@@ -116,8 +137,8 @@ def _skills(args) -> int:
     if "generation" in how:
         print("\nunparsed generations: " + ", ".join(f"{m} {rep.unparsed(m)}" for m in rep.models()))
     print(f"\nscored {sum(r['n'] for r in rep.rows)} answers in {rep.seconds:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rep.rows, indent=1))
+    if target is not None:
+        target.write_file(json.dumps(rep.rows, indent=1))
     return 0
 
 
@@ -137,7 +158,8 @@ def _results(args) -> int:
     from .results import retention_table, run_results
 
     prog = None if args.no_progress else tqdm_progress("results")
-    rep, info, out = run_results(args.zoo, args.out, k=args.k, per_label=args.per_label, progress=prog)
+    rep, info, out = run_results(args.zoo, args.out, k=args.k, per_label=args.per_label, progress=prog,
+                                 overwrite=args.overwrite)
     merged = [m for m in rep.models() if m.startswith("es-") or m == "average"]
     print(retention_table(rep, merged, "likelihood", fmt="text"))
     print(f"\nwritten to {out}")
@@ -145,12 +167,13 @@ def _results(args) -> int:
 
 
 def _demo(args) -> int:
-    from .data import DEMO_FILES, write_demo
+    from ..io import Input, reserve_output
+    from .data import registry_dir, write_demo
 
-    out = Path(args.out)
-    if out.exists() and any((out / f).exists() for f in DEMO_FILES) and not args.overwrite:
-        raise ESMError(f"{str(out)!r} already holds demo files.", fix="pass --overwrite or choose another --out.")
-    counts = write_demo(out, args.data)
+    inputs = [Input(str(registry_dir(args.data)), "registry data directory")]
+    counts = {}
+    with reserve_output(args.out, kind="dir", overwrite=args.overwrite, inputs=inputs, command="zoo demo-data") as t:
+        t.write_dir(lambda tmp: counts.update(write_demo(tmp, args.data)))
     for f, n in counts.items():
         print(f"{f:32s} {n:6d} rows")
     return 0

@@ -155,19 +155,27 @@ def results_markdown(rep: SkillReport, merged: list[str], info: dict, *, k: int,
 
 
 def run_results(zoo_dir: str | Path | None = None, out_path: str | Path | None = None, *, k: int = 1,
-                per_label: int = 40, progress=None) -> tuple[SkillReport, dict, Path]:
+                per_label: int = 40, progress=None, overwrite: bool = False) -> tuple[SkillReport, dict, Path]:
     """Estimate, merge, score; write RESULTS.md (default: inside the zoo directory)."""
-    from ..pipeline import Workspace
-    from . import ZOO_DIR, load_skill_sets, load_zoo
-    from .skills import measure_skills
+    from ..io import Input, reserve_output
+    from . import ZOO_DIR, demo_spec
 
     zoo = Path(zoo_dir) if zoo_dir else ZOO_DIR
+    out = Path(out_path) if out_path else zoo / "RESULTS.md"
+    inputs = [Input(p, role) for p, role in demo_spec(zoo).input_paths()]
+    with reserve_output(out, kind="file", overwrite=overwrite, inputs=inputs, command="zoo results") as target:
+        rep, info, text = _results(zoo, k=k, per_label=per_label, progress=progress)
+        return rep, info, target.write_file(text)
+
+
+def _results(zoo: Path, *, k: int, per_label: int, progress):
+    from ..pipeline import Workspace
+    from . import load_skill_sets, load_zoo
+    from .skills import measure_skills
+
     spec, sset, encoders = load_zoo(zoo)
     ws = Workspace.from_spec(spec, sset=sset)
     merged, info = merged_models(ws, progress=progress)
     sets = load_skill_sets(k=k, per_label=per_label)
     rep = measure_skills(sset, ws.encoders, sets, [None, *sset.names, *merged], progress=progress)
-    text = results_markdown(rep, merged, info, k=k, per_label=per_label)
-    out = Path(out_path) if out_path else zoo / "RESULTS.md"
-    out.write_text(text)
-    return rep, info, out
+    return rep, info, results_markdown(rep, merged, info, k=k, per_label=per_label)
