@@ -48,21 +48,9 @@ def sidebar() -> None:
             res = state.base_result()
             st.caption("**computed** " + ("yes" if res is not None else "not yet"))
         st.divider()
-        st.markdown("### Session")
         from ui import session_io
 
-        with guard():
-            if state.base_result() is not None:
-                data = session_io.session_bytes(state.spec(), state.method(), state.samples(), state.base_result())
-                st.download_button("Save session", data=data, file_name="esm_session.safetensors",
-                                   mime="application/octet-stream", help="Selection, settings, signals and "
-                                   "coefficients in one file (safetensors).", key="save_session")
-            up = st.file_uploader("Load session", type=["safetensors"], key="load_session",
-                                  help="A file saved with 'Save session'. Parsed without executing anything.")
-            if up is not None and st.session_state.get("_loaded_session") != up.file_id:
-                session_io.restore_session(up.getvalue())
-                st.session_state["_loaded_session"] = up.file_id
-                st.success("Session loaded.")
+        session_io.session_panel()
 
 
 nav = st.navigation(PAGES)

@@ -246,6 +246,16 @@ def load_result(path: str | Path) -> ESResult:
         raise ESMError(f"{str(p)!r} is not a readable safetensors file ({e}).") from None
     if meta.get("format") != "esm_core.coefficients/1":
         raise ESMError(f"{str(p)!r} was not written by esm_core (no coefficient metadata).")
+    try:
+        return _result_from(t, meta)
+    except ESMError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, RecursionError) as e:
+        raise ESMError(f"{str(p)!r} holds damaged or edited coefficient records ({type(e).__name__}: "
+                       f"{str(e)[:120]}).", fix="use a file written by esm_core, unmodified.") from None
+
+
+def _result_from(t: dict, meta: dict) -> ESResult:
     cfgd = json.loads(meta["config"])
     preset = cfgd.pop("preset")
     cfgd.pop("overridden", None)

@@ -68,18 +68,56 @@ def read_session(data: bytes):
             raise ESMError("The uploaded file is not a workbench session (no session metadata).",
                            fix="upload a file saved with 'Save session'.")
         res = load_result(p)
-    spec = run_spec_from_dict(json.loads(meta["session_spec"]), base_dir=state.ROOT)
-    md = json.loads(meta["session_method"])
-    preset = md.pop("preset")
+    spec_d, md, samples = (_json(meta, k) for k in ("session_spec", "session_method", "session_samples"))
+    spec = run_spec_from_dict(spec_d, base_dir=state.ROOT)
+    state.check_spec_paths(spec)  # every path a session names obeys the app's roots
+    if not isinstance(md, dict):
+        raise ESMError("The session file's method settings are not a mapping.", fix="save the session again.")
+    md = dict(md)
     md.pop("overridden", None)
-    cfg = MethodConfig.from_preset(preset, **md)
+    cfg = MethodConfig.from_preset(md.pop("preset", "reference"), **md)
     spec.method = cfg
-    return spec, cfg, json.loads(meta["session_samples"]), res
+    mods = [m.name for m in spec.modalities]
+    if not isinstance(samples, dict) or sorted(samples) != sorted(mods) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in samples.values()):
+        raise ESMError(f"The session file's probe samples are not lists of text for the modalities {mods}.",
+                       fix="save the session again.")
+    if res.specialists != [s.name for s in spec.specialists] or res.modalities != mods:
+        raise ESMError("The session file's signals do not belong to its run (specialists or modalities differ).",
+                       fix="save the session again.")
+    return spec, cfg, samples, res
+
+
+def _json(meta: dict, key: str):
+    try:
+        return json.loads(meta[key])
+    except (KeyError, TypeError, ValueError, RecursionError):
+        raise ESMError(f"The session file's {key.removeprefix('session_')} record is missing or not JSON.",
+                       fix="upload a file saved with 'Save session'.") from None
+
+
+def session_panel() -> None:
+    """The sidebar's Save / Load session controls."""
+    from .widgets import guard
+
+    st.markdown("### Session")
+    with guard():
+        if state.base_result() is not None:
+            data = session_bytes(state.spec(), state.method(), state.samples(), state.base_result())
+            st.download_button("Save session", data=data, file_name="esm_session.safetensors",
+                               mime="application/octet-stream", help="Selection, settings, signals and "
+                               "coefficients in one file (safetensors).", key="save_session")
+        up = st.file_uploader("Load session", type=["safetensors"], key="load_session",
+                              help="A file saved with 'Save session'. Parsed without executing anything.")
+        if up is not None and st.session_state.get("_loaded_session") != up.file_id:
+            st.session_state["_loaded_session"] = up.file_id
+            restore_session(up.getvalue())
+            st.success("Session loaded.")
 
 
 def restore_session(data: bytes) -> None:
-    spec, cfg, samples, res = read_session(data)
-    state.set_spec(spec)  # checks allowed roots
+    spec, cfg, samples, res = read_session(data)  # every check first: nothing changes on a refusal
+    state.set_spec(spec)
     state.set_samples(samples)
     state.set_method(cfg)
     state.set_loaded_result(res, key=f"session:{hashlib.sha256(data).hexdigest()[:16]}")
