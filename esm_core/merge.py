@@ -164,7 +164,11 @@ class MergeMethod:
         if "data" in self.needs and not ctx.data:
             raise ESMError(f"Merge method {self.name!r} learns from task data, and none was given.",
                            fix="pick a task (app: Merge page; CLI: `compare`) whose training rows it can use.")
-        out = self.fn(ctx, resolved)
+        if "model" in self.needs:  # learned merges train on the shared model: hold it for the whole run
+            with ctx.sset.exclusive(f"{self.pretty} merge"):
+                out = self.fn(ctx, resolved)
+        else:
+            out = self.fn(ctx, resolved)
         out.info.setdefault("method", self.name)
         out.info.setdefault("params", resolved)
         for k, t in out.tensors.items():

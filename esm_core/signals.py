@@ -111,6 +111,7 @@ def compute_signals(sset, batcher: ProbeBatcher, cfg, *, need_element: bool = Tr
     mods_of = {n: (element_modalities(sset, cfg, n) or batcher.probes.modalities) for n in names}
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(sset.exclusive("estimation"))  # hooks and grad flags live on the shared model
         grads = {}
         if need_element:
             for n in names:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import ESMError
+from .gate import ModelGate
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -438,6 +439,12 @@ class SpecialistSet:
         self.hidden_size = int(self.lm.config.hidden_size)
         self.lora_keys: list[LoraKey] = sorted(adapters[0].tensors)
         self._extra: set[str] = set()
+        # the model's active adapter, hooks and grad flags are shared: one operation at a time
+        self.gate = ModelGate()
+
+    def exclusive(self, label: str = "model work"):
+        """Hold the model for a whole operation (reentrant; fair between threads): see esm_core.gate."""
+        return self.gate.hold(label)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -483,14 +490,15 @@ class SpecialistSet:
     @contextlib.contextmanager
     def use(self, name: str | None) -> Iterator[None]:
         """Run the base (name=None) or one adapter (specialist or an added merged adapter)."""
-        if name is None:
-            with self.model.disable_adapter():
-                yield
-            return
-        if name not in self.names and name not in self._extra:
-            raise ESMError(f"No adapter named {name!r} is loaded.", fix=f"use one of {self.names}.")
-        self.model.base_model.set_adapter(name, inference_mode=True)
-        yield
+        with self.gate.hold("model work"):
+            if name is None:
+                with self.model.disable_adapter():
+                    yield
+                return
+            if name not in self.names and name not in self._extra:
+                raise ESMError(f"No adapter named {name!r} is loaded.", fix=f"use one of {self.names}.")
+            self.model.base_model.set_adapter(name, inference_mode=True)
+            yield
 
     def lora_layer(self, name: str, key: LoraKey) -> tuple[nn.Linear, nn.Linear, float]:
         """The (lora_A, lora_B, scaling) modules of adapter `name` at (layer, module)."""
@@ -520,24 +528,26 @@ class SpecialistSet:
 
         if name in self.names:
             raise ESMError(f"Adapter name {name!r} is taken by a specialist.", fix="choose another name.")
-        if name in self._extra:
-            self.remove_adapter(name)
-        allowed = set(LoraConfig.__dataclass_fields__)
-        cfg = LoraConfig(**{k: v for k, v in config.items() if k in allowed and k not in ("peft_type",)})
-        cfg.inference_mode = True
-        self.model.add_adapter(name, cfg)
-        template = self.adapters[self.names[0]]
-        sd = {template.file_keys[k]: t.to(self.dtype) for k, t in tensors.items()}
-        set_peft_model_state_dict(self.model, sd, adapter_name=name)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self._extra.add(name)
+        with self.gate.hold("loading an adapter"):
+            if name in self._extra:
+                self.remove_adapter(name)
+            allowed = set(LoraConfig.__dataclass_fields__)
+            cfg = LoraConfig(**{k: v for k, v in config.items() if k in allowed and k not in ("peft_type",)})
+            cfg.inference_mode = True
+            self.model.add_adapter(name, cfg)
+            template = self.adapters[self.names[0]]
+            sd = {template.file_keys[k]: t.to(self.dtype) for k, t in tensors.items()}
+            set_peft_model_state_dict(self.model, sd, adapter_name=name)
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            self._extra.add(name)
 
     def remove_adapter(self, name: str) -> None:
-        if name in self._extra:
-            self.model.base_model.set_adapter(self.names[0], inference_mode=True)
-            self.model.delete_adapter(name)
-            self._extra.discard(name)
+        with self.gate.hold("removing an adapter"):
+            if name in self._extra:
+                self.model.base_model.set_adapter(self.names[0], inference_mode=True)
+                self.model.delete_adapter(name)
+                self._extra.discard(name)
 
     @property
     def extra_adapters(self) -> list[str]:
