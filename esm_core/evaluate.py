@@ -390,10 +390,16 @@ class TaskPrompts:
     prompts: list[Prompt]
     n_too_long: int = 0
     n_dropped_examples: int = 0
+    k: int = 5  # examples asked per prompt
 
     @property
     def gold(self) -> list[str]:
         return [p.answer for p in self.prompts]
+
+    @property
+    def mean_examples(self) -> float:
+        """Mean number of in-context examples the prompts really hold (after any dropped to fit); NaN if none."""
+        return float(np.mean([len(p.meta["chosen"]) for p in self.prompts])) if self.prompts else float("nan")
 
 
 def task_prompts(task: TaskData, answerer: BatchedAnswerer | None, *, n: int | None = 500, seed: int = 0, k: int = 5,
@@ -422,7 +428,7 @@ def task_prompts(task: TaskData, answerer: BatchedAnswerer | None, *, n: int | N
         p.meta["row"] = r
         kept.append(r)
         prompts.append(p)
-    return TaskPrompts(task, kept, prompts, too_long, dropped)
+    return TaskPrompts(task, kept, prompts, too_long, dropped, k)
 
 
 def training_prompts(task: TaskData, n: int = 64, seed: int = 0, k: int = 5,
@@ -710,9 +716,21 @@ class Report:
                     cells += [_pct(float(np.mean(accs))) if accs else "-", _pct(float(np.mean(f1s))) if f1s else "-"]
                     lines.append("| " + " | ".join(cells) + " |")
                 lines.append("")
+        if self.tasks:
+            lines += self._facts_table()
         if self.skipped:
             lines.append("Skipped: " + "; ".join(self.skipped))
         return "\n".join(lines)
+
+    def _facts_table(self) -> list[str]:
+        """What each task's numbers rest on: rows skipped while loading, prompts left out, examples really held."""
+        lines = ["### Task facts\n", "| Task | rows read | rows skipped | prompts | left out (too long) | "
+                 "mean examples per prompt |", "|" + "---|" * 6]
+        for f in self.tasks:
+            skipped = ", ".join(f"{n} {why}" for why, n in f["skipped_rows"].items()) or "none"
+            lines.append(f"| {f['title']} | {f['counts'].get('rows_read', 0)} | {skipped} | {f['evaluated']} | "
+                         f"{f['too_long']} | {_examples(f)} |")
+        return lines + [""]
 
     def to_json(self) -> dict:
         return dict(rows=[{**{k: v for k, v in r.items() if k != "score"}, **asdict(r["score"])} for r in self.rows],
@@ -722,8 +740,21 @@ class Report:
 def task_facts(tp: TaskPrompts) -> dict:
     t = tp.task
     return dict(t.summary(), evaluated=len(tp.prompts), too_long=tp.n_too_long,
-                examples_dropped_to_fit=tp.n_dropped_examples, note=t.note,
+                examples_dropped_to_fit=tp.n_dropped_examples, k=tp.k, mean_examples=tp.mean_examples,
+                skipped_rows=t.skipped_rows, load_note=t.load_note(), note=t.note,
                 majority_label=t.majority_label())
+
+
+def facts_line(facts: dict) -> str:
+    """One line of what a task's numbers rest on: rows skipped, prompts left out, examples really held."""
+    return (f"{facts['task']}: {facts['load_note']}; {facts['too_long']} prompt(s) left out as too long; "
+            f"mean examples per prompt {_examples(facts)}")
+
+
+def _examples(facts: dict) -> str:
+    m = facts["mean_examples"]
+    return (f"{'-' if m != m else f'{m:.2f}'} of k={facts['k']} "
+            f"({facts['examples_dropped_to_fit']} dropped to fit the context)")
 
 
 # ------------------------------------------------------------------------------------ CLI: evaluate
@@ -841,6 +872,7 @@ def _evaluate(args, target) -> int:
         rep.add_result(res, "model", task, keep_predictions=True)
         rep.add_references(tp, n_boot=args.n_boot, seed=args.seed)
         print(f"{task.name}: {len(tp.prompts)} prompts in {res.seconds:.1f}s", flush=True)
+        print(facts_line(rep.tasks[-1]), flush=True)
     print(rep.markdown(modes))
     if target is not None:
         target.write_file(json.dumps(rep.to_json(), indent=1, default=str))
@@ -930,6 +962,7 @@ def _compare(args, target, params: dict, methods: list[str], resolved: dict) -> 
         tp = task_prompts(task, answerer, n=args.n, seed=args.seed, k=args.k)
         tps.append(tp)
         rep.tasks.append(task_facts(tp))
+        print(facts_line(rep.tasks[-1]), flush=True)
         rep.add_references(tp, n_boot=args.n_boot, seed=args.seed)
 
     def run_model(display, adapter, kind, only=None):

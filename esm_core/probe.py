@@ -50,36 +50,67 @@ class ProbeSet:
         return len(self.samples[modality])
 
     def summary(self) -> dict:
-        return {m: dict(used=len(self.samples[m]), valid=len(self.reports[m].values),
-                        bad=len(self.reports[m].bad), total=self.reports[m].n_total)
+        """Per modality: samples used, valid and bad among the examined rows, rows examined and given."""
+        return {m: dict(used=len(self.samples[m]), valid=len(self.reports[m].values), bad=len(self.reports[m].bad),
+                        examined=self.reports[m].n_examined, total=self.reports[m].n_total)
                 for m in self.modalities}
 
 
-def sample_modality(raws: list, kind: str, n: int, seed: int, min_count: int, name: str) -> tuple[SampleReport, list[int]]:
-    """Validate, then draw n valid samples (seeded); refuse when fewer than min_count are valid."""
-    rep = validate(raws, kind)
+def _draw_order(n_rows: int, n: int, rng: random.Random) -> Iterator[int]:
+    """Row indices in a seeded random order, drawn lazily: first the n rows ``rng.sample`` picks (so a
+    file without bad rows gives the draw that validating every row first gave), then the other rows
+    shuffled one step at a time (Fisher-Yates), only as far as they are needed."""
+    first = rng.sample(range(n_rows), min(n, n_rows))
+    yield from first
+    taken = set(first)
+    rest = [i for i in range(n_rows) if i not in taken]
+    for j in range(len(rest)):
+        k = rng.randrange(j, len(rest))
+        rest[j], rest[k] = rest[k], rest[j]
+        yield rest[j]
+
+
+def sample_modality(raws: list, kind: str, n: int, seed: int, min_count: int, name: str,
+                    progress: ProgressFn | None = None) -> tuple[SampleReport, list[int]]:
+    """Draw n valid samples (seeded) and refuse when fewer than min_count are valid.
+
+    Only drawn rows are validated: rows are examined in a seeded random order until enough are valid
+    or every row was examined, so a huge file costs the validation of a few rows. Returns the report
+    of the examined rows and the indices (into ``report.values``) of the samples to use.
+    """
+    rng = random.Random(f"{seed}:{name}")
+    want = max(n, min_count)
+
+    def step(valid: int, examined: int) -> None:
+        progress(f"checking {name} samples: {valid} valid of {examined} drawn",
+                 max(valid / want, examined / max(len(raws), 1)))
+
+    rep = validate(raws, kind, order=_draw_order(len(raws), want, rng), want=want,
+                   progress=step if progress else None)
     if len(rep.values) < min_count:
         reasons = "; ".join(f"row {r}: {why}" for r, _, why in rep.bad[:3])
         raise ESMError(f"Modality {name!r}: only {len(rep.values)} of {rep.n_total} samples are valid "
                        f"({len(rep.bad)} bad{': ' + reasons if reasons else ''}), fewer than the "
                        f"{min_count} needed.", fix="supply more valid samples or lower min_probes.")
+    if progress:
+        progress(f"{name}: {len(rep.values)} valid of {rep.n_examined} rows checked ({rep.n_total} given)", 1.0)
     idx = list(range(len(rep.values)))
-    if n < len(idx):
-        rng = random.Random(f"{seed}:{name}")
+    if n < len(idx):  # min_count > n: more were validated than are used
         idx = sorted(rng.sample(idx, n))
     return rep, idx
 
 
-def build_probes(raw: dict[str, list], modalities, cfg) -> ProbeSet:
+def build_probes(raw: dict[str, list], modalities, cfg, progress: ProgressFn | None = None) -> ProbeSet:
     """Probe set from raw samples per modality (config.ModalitySpec list, config.MethodConfig)."""
     names = [m.name for m in modalities]
     missing = [n for n in names if n not in raw]
     if missing:
         raise ESMError(f"No probe samples for modality {missing}.", fix="give samples for every modality.")
     reports, samples, rows = {}, {}, {}
-    for m in modalities:
+    for j, m in enumerate(modalities):
+        part = None if progress is None else (lambda msg, f, j=j: progress(msg, (j + f) / len(modalities)))
         rep, idx = sample_modality(list(raw[m.name]), m.kind, cfg.probes_per_modality, cfg.seed,
-                                   cfg.min_probes, m.name)
+                                   cfg.min_probes, m.name, part)
         reports[m.name] = rep
         samples[m.name] = [rep.values[i] for i in idx]
         rows[m.name] = [rep.rows[i] for i in idx]

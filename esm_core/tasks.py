@@ -31,8 +31,10 @@ Label rules:
 
 Every loader skips and counts rows whose SMILES RDKit cannot parse, whose protein is not an
 amino-acid sequence, or whose Y is not 0/1 (``TaskData.counts``). A missing file raises
-:class:`MissingData` (an ESMError naming the file), which :func:`load_tasks` turns into a skip
-message; a file with wrong columns raises ESMError. Molecule-protein and CYP loaders take any file
+:class:`MissingData` (an ESMError naming the file); a file without rows, or a training pool or test
+split left empty once invalid rows are skipped, raises :class:`EmptyData` (with the skipped rows by
+reason). Both are :class:`SkippedTask`, which :func:`load_tasks` turns into a skip message; a file
+with wrong columns raises ESMError. Molecule-protein and CYP loaders take any file
 with the same columns (:func:`molecule_protein_task`, :func:`cyp_task`).
 
 The data directory is a setting: the ``data_dir`` argument, else the ``ESM_DATA_DIR`` environment
@@ -57,13 +59,31 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ENV = "ESM_DATA_DIR"
 
 
-class MissingData(ESMError):
-    """A dataset file is not there; the task is skipped with this message."""
+class SkippedTask(ESMError):
+    """A task these files cannot give; :func:`load_tasks` skips it with this message."""
+
+    def __init__(self, task: str, why: str, *, fix: str):
+        self.task = task
+        super().__init__(f"Task {task!r} skipped: {why}", fix=fix)
+
+
+class MissingData(SkippedTask):
+    """A dataset file is not there."""
 
     def __init__(self, task: str, path: Path | str):
-        self.task, self.path = task, str(path)
-        super().__init__(f"Task {task!r} skipped: data file {str(path)!r} not found.",
+        self.path = str(path)
+        super().__init__(task, f"data file {str(path)!r} not found.",
                          fix=f"put the file there or set the data directory (--data-dir or ${DATA_ENV}).")
+
+
+class EmptyData(SkippedTask):
+    """No usable row: a data file without rows, or a split left empty once invalid rows were skipped."""
+
+
+# TaskData.counts keys that count rows skipped while loading, and how they read
+SKIP_REASONS = {"invalid_smiles": "invalid SMILES", "invalid_protein": "invalid protein", "bad_label": "bad label",
+                "between_thresholds": "label between the thresholds", "drug_without_smiles": "drug without SMILES",
+                "cell_without_genes": "cell line without genes"}
 
 
 def default_data_dir() -> Path | None:
@@ -258,6 +278,16 @@ class TaskData:
             raise ESMError(f"Label {label!r} is not one of {self.labels}.")
         return Record(clean, label, {"source": "user"})
 
+    @property
+    def skipped_rows(self) -> dict[str, int]:
+        """Rows skipped while loading, by reason (see SKIP_REASONS)."""
+        return {why: self.counts[k] for k, why in SKIP_REASONS.items() if self.counts.get(k)}
+
+    def load_note(self) -> str:
+        """'1200 rows read; skipped: 3 invalid SMILES, 1 bad label' for messages and tables."""
+        skipped = ", ".join(f"{n} {why}" for why, n in self.skipped_rows.items())
+        return f"{self.counts.get('rows_read', 0)} rows read; skipped: {skipped or 'none'}"
+
     def summary(self) -> dict:
         c = Counter(r.label for r in self.test)
         return dict(task=self.name, title=self.title, family=self.family, n_train=len(self.train),
@@ -289,9 +319,23 @@ def _need(task: str, path: Path) -> Path:
 
 
 def _read(task: str, path: Path, required: list[str]):
-    from .samples import read_table
+    from .samples import EmptyTable, read_table
 
-    return read_table(_need(task, path), required=required)
+    try:
+        return read_table(_need(task, path), required=required)
+    except EmptyTable as e:
+        raise EmptyData(task, f"data file {e.path!r} holds no rows (it is empty or has only a header).",
+                        fix=e.fix) from None
+
+
+def _usable(td: TaskData) -> TaskData:
+    """The task, or EmptyData when its pool or test split holds no row after invalid rows were skipped."""
+    for split, recs in (("training pool", td.train), ("test split", td.test)):
+        if not recs:
+            files = ", ".join(Path(f).name for f in td.files)
+            raise EmptyData(td.name, f"its {split} is empty once invalid rows are skipped ({files}: {td.load_note()}).",
+                            fix="check the rows of the data file(s): the counts name why rows were skipped.")
+    return td
 
 
 def _binary(y: str) -> int | None:
@@ -357,8 +401,8 @@ def molecule_protein_task(train_path: str | Path, test_path: str | Path | None =
     else:
         test = _dti_records(name, Path(test_path), counts, ok)
         files.append(str(test_path))
-    return TaskData(name, title or name, "Molecule-protein interaction", "molecule_protein", train, test,
-                    files=files, counts=dict(counts), protein_similarity=protein_similarity)
+    return _usable(TaskData(name, title or name, "Molecule-protein interaction", "molecule_protein", train, test,
+                            files=files, counts=dict(counts), protein_similarity=protein_similarity))
 
 
 def _dti_loader(stem: str, title: str, pool: tuple[str, ...]):
@@ -423,9 +467,9 @@ def cyp_task(path: str | Path, enzyme: str, *, kind: str = "inhibition", enzymes
         recs.append(Record({"smiles": s}, "Yes" if lab else "No", {"file": path.name, "row": i, "drug_id": did}))
     train, test = _split(recs, test_fraction, seed)
     files = [str(path)] + ([str(enzymes_path)] if enzymes_path else [])
-    return TaskData(name, title or f"{enzyme.upper()}", f"CYP {kind}", f"cyp_{kind}", train, test,
-                    context=[(f"Enzyme ({enzyme.upper()})", Item("protein", sequence))], files=files,
-                    counts=dict(counts), note=f"seeded split (seed {seed}, test fraction {test_fraction})")
+    return _usable(TaskData(name, title or f"{enzyme.upper()}", f"CYP {kind}", f"cyp_{kind}", train, test,
+                            context=[(f"Enzyme ({enzyme.upper()})", Item("protein", sequence))], files=files,
+                            counts=dict(counts), note=f"seeded split (seed {seed}, test fraction {test_fraction})"))
 
 
 def _cyp_loader(enzyme: str, kind: str):
@@ -507,10 +551,10 @@ def gdsc2_task(data_dir: str | Path | None = None, *, labels: str = "z", z_thres
     train, test = _split(recs, test_fraction, seed)
     rule = (f"Sensitive if ln_ic50_drug_z <= -{z_threshold}, Resistant if >= {z_threshold}" if labels == "z"
             else "Iorio 2016 per-drug ln(IC50) thresholds")
-    return TaskData(name, "GDSC2" if labels == "z" else "GDSC2 (Iorio)", "Molecule-cell", "molecule_cell", train,
-                    test, files=[str(path), str(reg / "gdsc2_drug_smiles.tsv"),
-                                 str(reg / "cell_line_top100_genes.tsv")],
-                    counts=dict(counts), note=f"{rule}; seeded split (seed {seed})")
+    return _usable(TaskData(name, "GDSC2" if labels == "z" else "GDSC2 (Iorio)", "Molecule-cell", "molecule_cell",
+                            train, test, files=[str(path), str(reg / "gdsc2_drug_smiles.tsv"),
+                                                str(reg / "cell_line_top100_genes.tsv")],
+                            counts=dict(counts), note=f"{rule}; seeded split (seed {seed})"))
 
 
 def drugcomb_task(data_dir: str | Path | None = None, *, synergy: float = 30.0, antagonism: float = 0.0,
@@ -554,9 +598,10 @@ def drugcomb_task(data_dir: str | Path | None = None, *, synergy: float = 30.0, 
         recs.append(Record({"smiles": smiles[a], "smiles_2": smiles[b], "genes": genes[ck]}, lab,
                            {"drug_1": a, "drug_2": b, "cell": cl, "loewe": x}))
     train, test = _split(recs, test_fraction, seed)
-    return TaskData(name, "DrugComb (O'Neil)", "Molecule-cell", "drug_pair", train, test,
-                    files=[str(path), str(d / "oneil_drug_smiles.tsv")], counts=dict(counts),
-                    note=f"mean Loewe > {synergy} Synergistic, < {antagonism} Antagonistic; seeded split (seed {seed})")
+    return _usable(TaskData(name, "DrugComb (O'Neil)", "Molecule-cell", "drug_pair", train, test,
+                            files=[str(path), str(d / "oneil_drug_smiles.tsv")], counts=dict(counts),
+                            note=f"mean Loewe > {synergy} Synergistic, < {antagonism} Antagonistic; "
+                                 f"seeded split (seed {seed})"))
 
 
 # ------------------------------------------------------------------------------------ registry
@@ -646,7 +691,8 @@ def expand_names(names: list[str] | str) -> list[str]:
 
 
 def load_task(name: str, data_dir: str | Path | None = None, **options) -> TaskData:
-    """Load one registered task (MissingData when a file is absent; ESMError for wrong columns)."""
+    """Load one registered task (SkippedTask when a file is absent or gives no usable row; ESMError for
+    wrong columns)."""
     if name not in TASKS:
         raise ESMError(f"Unknown task {name!r}.", fix=f"use one of {sorted(TASKS)}.")
     return TASKS[name].loader(resolve_data_dir(data_dir), **options)
@@ -654,12 +700,12 @@ def load_task(name: str, data_dir: str | Path | None = None, **options) -> TaskD
 
 def load_tasks(names: list[str] | str, data_dir: str | Path | None = None, *, log: Callable[[str], None] | None = None,
                **options) -> tuple[list[TaskData], list[str]]:
-    """Load several tasks; missing datasets are skipped: returns (loaded, skip messages)."""
+    """Load several tasks; missing or empty datasets are skipped: returns (loaded, skip messages)."""
     loaded, skipped = [], []
     for n in expand_names(names):
         try:
             loaded.append(load_task(n, data_dir, **options))
-        except MissingData as e:
+        except SkippedTask as e:
             skipped.append(str(e.reason))
             if log:
                 log(str(e.reason))
