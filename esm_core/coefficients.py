@@ -163,12 +163,20 @@ def combine(alpha: torch.Tensor, beta: dict[LoraKey, torch.Tensor] | None, mode:
 
 
 def alpha_projection_sweep(states, n_specialists: int, cfg, weights: torch.Tensor, counts=(32, 256, 1024),
-                           seeds=range(5)) -> dict[int, torch.Tensor]:
-    """alpha [n_seeds, K, L] per projection count: how alpha settles as projections grow (Table 7)."""
+                           seeds=range(5), progress=None) -> dict[int, torch.Tensor]:
+    """alpha [n_seeds, K, L] per projection count: how alpha settles as projections grow (Table 7).
+    ``progress(message, fraction)`` is called after each projection set."""
     out = {}
+    seeds = list(seeds)
+    total, done = len(counts) * len(seeds), 0
     for n in counts:
-        runs = [layer_coefficients(swd_matrix(states, n_specialists, cfg, n_projections=n, seed=cfg.seed + 1000 * s),
-                                   cfg, weights).alpha for s in seeds]
+        runs = []
+        for s in seeds:
+            D = swd_matrix(states, n_specialists, cfg, n_projections=n, seed=cfg.seed + 1000 * s)
+            runs.append(layer_coefficients(D, cfg, weights).alpha)
+            done += 1
+            if progress:
+                progress(f"{n} projections, set {len(runs)} of {len(seeds)}", done / total)
         out[int(n)] = torch.stack(runs)
     return out
 

@@ -101,13 +101,16 @@ class Workspace:
         self._batcher_cfg = cfg
 
     def batcher(self, cfg: MethodConfig | None = None) -> ProbeBatcher:
+        """The probe batcher for cfg. Rebuilding it re-caps the shared encoders: callers that use the
+        batcher while other threads may ask for another config hold ``sset.exclusive`` around both."""
         cfg = cfg or self.spec.method
-        if self._batcher is None or self._needs_new_probes(cfg):
-            if self._needs_new_probes(cfg):
-                self.set_samples(self.raw_samples, cfg)
-            self._batcher = ProbeBatcher(self.sset, self.encoders, self.probes, cfg)
-            self._batcher_cfg = cfg
-        return self._batcher
+        with self.sset.exclusive("building probes"):
+            if self._batcher is None or self._needs_new_probes(cfg):
+                if self._needs_new_probes(cfg):
+                    self.set_samples(self.raw_samples, cfg)
+                self._batcher = ProbeBatcher(self.sset, self.encoders, self.probes, cfg)
+                self._batcher_cfg = cfg
+            return self._batcher
 
     def _needs_new_probes(self, cfg: MethodConfig) -> bool:
         old = self._batcher_cfg
@@ -130,9 +133,10 @@ def estimate(ws: Workspace, cfg: MethodConfig | None = None, *, progress: Progre
     """Full ES-Merging coefficient estimation on a workspace."""
     cfg = cfg or ws.spec.method
     t0 = time.perf_counter()
-    batcher = ws.batcher(cfg)
-    need_element = cfg.mode != "layer"
-    sig = compute_signals(ws.sset, batcher, cfg, need_element=need_element, progress=progress)
+    with ws.sset.exclusive("estimation"):  # the probes and encoders of this config, then the passes
+        batcher = ws.batcher(cfg)
+        need_element = cfg.mode != "layer"
+        sig = compute_signals(ws.sset, batcher, cfg, need_element=need_element, progress=progress)
     shapes = {k: tuple(v.shape) for k, v in ws.sset.adapters[ws.sset.names[0]].tensors.items()}
     res = _from_signals(ws.sset.names, ws.sset.modalities, batcher.probes.modalities, sig.states, sig.scores, cfg,
                         shapes, timings=dict(sig.timings))
@@ -223,6 +227,47 @@ def result_metadata(res: ESResult) -> dict[str, str]:
         "timings": json.dumps(res.timings),
         "state_models": json.dumps(res.states.models if res.states is not None else []),
     }
+
+
+def signal_tensors(res: ESResult, *, include_states: bool = False) -> dict[str, torch.Tensor]:
+    """What cannot be re-derived cheaply: the SWD matrix D (and its per-projection terms) and the raw
+    element scores g; with include_states, the mean-pooled hidden states too (SWD settings, maps).
+    Every coefficient (alpha, beta, lambda) follows from these by :func:`result_from_signals`, exactly."""
+    t = {"layer.D": res.layer.D}
+    if res.projected_emd is not None:
+        t["swd.projected_emd"] = res.projected_emd
+    if res.element is not None:
+        t.update({f"g/{k}": v for k, v in res.element.g.items()})
+    if include_states and res.states is not None:
+        t.update({f"states.pooled/{m}": v for m, v in res.states.pooled.items()})
+    return {k: v.detach().contiguous().cpu() for k, v in t.items()}
+
+
+def signal_metadata(res: ESResult) -> dict[str, str]:
+    meta = result_metadata(res)
+    meta["format"] = "esm_core.signals/1"
+    meta["shapes"] = json.dumps({str(k): list(v.shape[1:]) for k, v in res.lam.items()})
+    return meta
+
+
+def result_from_signals(t: dict[str, torch.Tensor], meta: dict[str, str]) -> ESResult:
+    """The full result (every coefficient re-derived) from :func:`signal_tensors` and its metadata."""
+    cfgd = dict(json.loads(meta["config"]))
+    cfgd.pop("overridden", None)
+    cfg = MethodConfig.from_preset(cfgd.pop("preset"), **cfgd)
+    names, mods = json.loads(meta["specialists"]), json.loads(meta["modalities"])
+    g = {LoraKey.parse(k[2:]): v for k, v in t.items() if k.startswith("g/")}
+    scores = {n: {k: v[i] for k, v in g.items()} for i, n in enumerate(names)} if g else None
+    shapes = {LoraKey.parse(k): tuple(v) for k, v in json.loads(meta["shapes"]).items()}
+    pooled = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("states.pooled/")}
+    states = (HiddenStates(json.loads(meta.get("state_models", "[]")), mods, pooled, {}, {},
+                           int(t["layer.D"].shape[2]) - 1) if pooled else None)
+    timings = json.loads(meta.get("timings", "{}"))
+    res = _from_signals(names, json.loads(meta["own_modalities"]), mods, states, scores, cfg, shapes,
+                        timings=timings, D=t["layer.D"], emd=t.get("swd.projected_emd"))
+    res.timings = dict(timings)  # as measured when the signals were computed
+    res.probe_summary = json.loads(meta.get("probe_summary", "{}"))
+    return res
 
 
 def save_result(res: ESResult, path: str | Path, *, include_states: bool = False) -> None:

@@ -438,7 +438,7 @@ class SpecialistSet:
         self.num_layers = len(self.blocks)
         self.hidden_size = int(self.lm.config.hidden_size)
         self.lora_keys: list[LoraKey] = sorted(adapters[0].tensors)
-        self._extra: set[str] = set()
+        self._extra: dict[str, None] = {}  # extra adapters (merged models), least recently used first
         # the model's active adapter, hooks and grad flags are shared: one operation at a time
         self.gate = ModelGate()
 
@@ -497,6 +497,8 @@ class SpecialistSet:
                 return
             if name not in self.names and name not in self._extra:
                 raise ESMError(f"No adapter named {name!r} is loaded.", fix=f"use one of {self.names}.")
+            if name in self._extra:
+                self._extra[name] = self._extra.pop(name)  # most recently used last
             self.model.base_model.set_adapter(name, inference_mode=True)
             yield
 
@@ -540,14 +542,27 @@ class SpecialistSet:
             set_peft_model_state_dict(self.model, sd, adapter_name=name)
             for p in self.model.parameters():
                 p.requires_grad_(False)
-            self._extra.add(name)
+            self._extra[name] = None
 
     def remove_adapter(self, name: str) -> None:
         with self.gate.hold("removing an adapter"):
             if name in self._extra:
                 self.model.base_model.set_adapter(self.names[0], inference_mode=True)
                 self.model.delete_adapter(name)
-                self._extra.discard(name)
+                self._extra.pop(name, None)
+
+    def ensure_adapter(self, name: str, tensors, config: dict, *, keep: int = 16) -> str:
+        """Load adapter ``name`` unless it is loaded; evict the least recently used extra adapters beyond
+        ``keep``. ``tensors``: the factors, or a function returning them (called only when loading).
+        Hold ``exclusive`` around this and the work that uses the adapter, so no one evicts it between."""
+        with self.gate.hold("loading an adapter"):
+            if name in self._extra:
+                self._extra[name] = self._extra.pop(name)
+                return name
+            while len(self._extra) >= max(1, keep):
+                self.remove_adapter(next(iter(self._extra)))
+            self.add_adapter(name, tensors() if callable(tensors) else tensors, config)
+            return name
 
     @property
     def extra_adapters(self) -> list[str]:

@@ -6,13 +6,15 @@ see it at full resolution."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from esm_core.coefficients import disagreements
 from ui import figures
-from ui.widgets import guard, method_controls, need_result, preset_badge, show_figure
+from ui.widgets import csv_bytes, guard, method_controls, need_result, preset_badge, show_figure
 
 st.title("Element signals")
 st.caption("Per parameter element: the absolute gradients of the hidden-state distance (raw score g), "
@@ -31,7 +33,9 @@ with guard():
         L = res.num_layers
         modules = sorted({k.module for k in keys})
         c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
-        layer = c1.selectbox("block", list(range(L)), format_func=lambda l: str(l + 1), key="el_layer")
+        layer = c1.selectbox("block", list(range(L)), format_func=lambda l: f"{l + 1} (layers.{l})", key="el_layer",
+                             help="Blocks are numbered from 1 as in the paper's figures; the tensor names "
+                                  "count from 0 (block 1 = layers.0).")
         module = c2.selectbox("module", modules, key="el_module")
         ab = c3.radio("factor", ["A", "B"], horizontal=True, key="el_ab")
         what = c4.selectbox("show", ["λ (merge)", "β (element)", "raw score g", "z-scored g"], key="el_what")
@@ -55,9 +59,12 @@ with guard():
             r1, c1_ = min(R, r0 + 256), min(C, c0 + 256)
         mats = {n: arr[k, r0:r1, c0:c1_] for k, n in enumerate(res.specialists)}
         prob = what in ("λ (merge)", "β (element)")
-        fig, _ = figures.element_heatmaps(mats, f"{what} — {key}", zmin=0 if prob else None, zmax=1 if prob else None,
+        fig, _ = figures.element_heatmaps(mats, f"{what} — {key} (block {layer + 1})", zmin=0 if prob else None,
+                                          zmax=1 if prob else None,
                                           colorscale="Viridis" if prob else ("RdBu_r" if "z" in what else "Magma"),
-                                          offset=(r0, c0))
+                                          symmetric="z" in what, offset=(r0, c0),
+                                          row_title="rank" if ab == "A" else "out-feature",
+                                          col_title="in-feature" if ab == "A" else "rank")
         show_figure(fig, figures.matrix_frame(mats, what.split()[0]), f"{what} {key}", key="el_heat")
 
         fig, df = figures.histograms({n: arr[k] for k, n in enumerate(res.specialists)},
@@ -78,7 +85,8 @@ with guard():
             rows.append(row)
         df = pd.DataFrame(rows)
         st.dataframe(df, hide_index=True, width="stretch")
-        st.download_button("CSV", df.to_csv(index=False).encode(), file_name="disagreements.csv", key="el_dis_csv")
+        st.download_button("CSV", partial(csv_bytes, df), file_name="disagreements.csv", mime="text/csv",
+                           key="el_dis_csv", on_click="ignore")
         winner = np.argmax(res.lam[key].numpy(), axis=0)
         share = {n: float((winner == k).mean()) for k, n in enumerate(res.specialists)}
         st.caption("Share of elements where each specialist has the largest λ: "

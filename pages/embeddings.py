@@ -16,9 +16,17 @@ st.caption("Where each model puts the probe samples in its hidden space. All cho
            "together, so a specialist drifting away from the base on its own modality shows as a separate cloud.")
 
 
-@st.cache_resource(show_spinner="Projecting to 2-D ...", max_entries=32)
+@st.cache_resource(show_spinner=False, max_entries=32)
 def _project(key: str, method: str, seed: int, _X):
     return project_2d(_X, method, seed=seed)
+
+
+def project(key: str, method: str, seed: int, X):
+    n = len(X)
+    about = ("instant" if method == "pca" else
+             f"UMAP of {n} points: about {max(2, n // 400)} s, plus ~15 s the first time on a server (numba compiles)")
+    with st.spinner(f"Projecting {n} points to 2-D ({about}) ..."):
+        return _project(key, method, seed, X)
 
 
 def _label(raw: str, n: int = 70) -> str:
@@ -46,21 +54,21 @@ with guard():
                                 default=["base", *res.specialists, *merged[-1:]], key="emb_models")
         if len(models) < 1:
             st.stop()
-        states = [res.states]
+        states = [state.states_of(res)]
         for m in models:
             if m in merged:
                 states.append(state.merged_states(m, cfg))
         pts = gather_points(states, layer, modality, models, level="sample" if level == "sample means" else "token",
                             max_points_per_model=2000, seed=cfg.seed)
         key = f"{state.run_key(cfg)}:{modality}:{layer}:{level}:{','.join(models)}:{len(pts.model)}"
-        xy = _project(key, method.lower(), cfg.seed, pts.X)
+        xy = project(key, method.lower(), cfg.seed, pts.X)
         raws = state.workspace().batcher(cfg).probes.samples[modality]
         df = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "model": pts.model, "modality": modality,
                            "sample": pts.sample, "token": pts.token,
                            "text": [_label(raws[s]) + ("" if t < 0 else f"  [token {t}]")
                                     for s, t in zip(pts.sample, pts.token)]})
         where = "input embeddings" if layer == 0 else f"block {layer}"
-        fig = figures.embedding_scatter(df, f"{method} of {modality} {level} at {where}", models)
+        fig = figures.embedding_scatter(df, f"{method} of {modality} {level} at {where}", models, axis=method)
         event = show_figure(fig, df, f"embeddings {modality} {where}", key="emb_scatter", on_select="rerun")
         sel = []
         try:

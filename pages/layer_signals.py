@@ -49,12 +49,11 @@ with guard():
                                 key="ls_counts")
         n_sets = st.slider("projection sets per count", 2, 10, 5, key="ls_sets")
         if st.button("Compute the sweep", key="ls_sweep_btn"):
-            if res.states is None:
-                st.warning("This result was loaded without hidden states; re-run to sweep projections.")
-            else:
-                with st.spinner("Recomputing SWD for every projection set ..."):
-                    st.session_state["ls_sweep"] = (state.run_key(), tuple(counts), n_sets,
-                                                    state.projection_sweep(res, tuple(sorted(counts)), n_sets))
+            bar = st.progress(0.0, text="Recomputing SWD for every projection set ...")
+            sweep = state.projection_sweep(res, tuple(sorted(counts)), n_sets,
+                                           progress=lambda msg, f: bar.progress(min(f, 1.0), text=msg))
+            bar.empty()
+            st.session_state["ls_sweep"] = (state.run_key(), tuple(counts), n_sets, sweep)
         sw = st.session_state.get("ls_sweep")
         if sw is not None and sw[0] == state.run_key():
             fig, df = figures.projection_sweep(sw[3], sp)

@@ -10,6 +10,8 @@ Learned methods (AdaMerging, fine-tuning) draw their prompts from a benchmark ta
 
 from __future__ import annotations
 
+from functools import partial
+
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import streamlit as st
 from esm_core.errors import ESMError
 from esm_core.merge import compare_coefficients, get_method, list_methods, merged_files, zip_files
 from ui import figures, state
-from ui.widgets import guard, param_controls, preset_badge, run_button, show_figure
+from ui.widgets import csv_bytes, guard, param_controls, preset_badge, run_button, show_figure, timed_progress
 
 NEEDS = {"es": "uses the ES estimation of the current selection", "model": "runs the model",
          "data": "learns from task prompts"}
@@ -225,23 +227,28 @@ with guard():
                 st.rerun()
 
     choice = data_controls() if "data" in m.needs else None
+    batches = None
+    if choice is not None and choice.get("ok") and {"steps", "batch_size"} <= set(params):
+        n = int(choice["n"]) * len(choice["names"])
+        batches = int(params["steps"]) + 2 * -(-n // max(1, int(params["batch_size"])))
+        speed = state.learned_speed(m.name)
+        st.caption(f"Work: {params['steps']} optimisation steps of {params['batch_size']} prompts and two "
+                   f"evaluations of about {n} prompts = {batches} batches"
+                   + (f"; at the {speed:.2f} s per batch measured on this server, about {batches * speed:.0f} s."
+                      if speed else "; the time left is shown while it runs, from the first batches."))
 
     if st.button(f"Merge with {m.pretty}", type="primary", key="mg_run"):
         seed = state.method_seed()
         state.workspace()  # loaded (cached) before the clock starts
         data, data_note = build_data(choice, seed) if choice is not None else (None, "")
         status = st.status(f"Merging with {m.pretty} ...", expanded=True)
-        bar = status.progress(0.0)
-        note = status.empty()
-
-        def progress(msg: str, frac: float) -> None:
-            bar.progress(min(max(float(frac), 0.0), 1.0))
-            note.write(msg)
-
+        progress = timed_progress(status)
         t0 = time.perf_counter()
         new = state.run_merge(m.name, params, data=data, progress=progress)
         secs = time.perf_counter() - t0
         state.merges()[new].update(seconds=secs, data=data_note)
+        if batches:
+            state.record_learned_speed(m.name, secs / batches)
         st.session_state["mg_dl"] = new  # the download section offers the newest merge
         status.update(label=f"{new}: done in {secs:.1f} s", state="complete", expanded=False)
         st.success(f"**{new}** is loaded next to the specialists." + (f" Trained on {data_note}." if data_note else ""))
@@ -308,7 +315,7 @@ with guard():
         st.caption(f"Top specialist = the one with the largest λ of an element; ties (e.g. an entry trimmed to 0 "
                    f"for everyone) count as their own label — tied elements: {overall['ties_1']:.1%} in {a}, "
                    f"{overall['ties_2']:.1%} in {b} (this factor).")
-        st.download_button("CSV", table.to_csv(index=False).encode(), file_name=f"compare_{a}_{b}_{key}.csv",
+        st.download_button("CSV", partial(csv_bytes, table), file_name=f"compare_{a}_{b}_{key}.csv",
                            mime="text/csv", key="mg_cmp_csv", on_click="ignore")
 
         zmax = float(max(np.nanmax(la), np.nanmax(lb)))

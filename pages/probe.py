@@ -4,11 +4,13 @@ Settings: samples per modality, seed, layout (joint / separate) and the per-bloc
 (MethodConfig). Samples per modality come from the run's data file, from rows the user picks, or
 from an uploaded CSV (size-limited, parsed with pandas, nothing executed). Previews: RDKit drawings
 of molecules, protein lengths and amino-acid composition, ranked gene lists; bad rows with their
-reason; counts used / valid / bad / total and truncations; the tokenised probe with each modality
-span highlighted (the paper's Fig. 4).
+reason; counts used / valid / bad / examined / total (only the seeded draw is validated) and
+truncations; the tokenised probe with each modality span highlighted (the paper's Fig. 4).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import pandas as pd
 import streamlit as st
@@ -19,7 +21,7 @@ from esm_core.preview import (KIND_WORDS, column_samples, gene_frequency, gene_t
                               molecule_grid_svg, protein_stats, read_upload, span_counts, token_spans)
 from esm_core.probe import build_probes, sample_modality
 from ui import figures, state
-from ui.widgets import guard, show_figure
+from ui.widgets import csv_bytes, guard, show_figure
 
 st.title("Probe")
 st.caption("A probe is a short prefix naming each modality followed by its token block, for every modality "
@@ -65,10 +67,11 @@ def preview(kind: str, name: str, values: list[str]) -> None:
         svg = molecule_grid_svg(values[:k], legends=[f"#{i}" for i in range(k)])
         st.image(svg, caption=f"The first {k} {name} samples in use (RDKit)")
         c1, c2, _ = st.columns([1, 1, 4])
-        c1.download_button("SVG", svg.encode(), file_name=f"{name}_molecules.svg", mime="image/svg+xml",
-                           key=f"pr_svg_{name}")
-        c2.download_button("CSV", pd.DataFrame({"sample": range(k), "smiles": values[:k]}).to_csv(index=False)
-                           .encode(), file_name=f"{name}_molecules.csv", mime="text/csv", key=f"pr_svgcsv_{name}")
+        c1.download_button("SVG", svg.encode, file_name=f"{name}_molecules.svg", mime="image/svg+xml",
+                           key=f"pr_svg_{name}", on_click="ignore")
+        c2.download_button("CSV", partial(csv_bytes, pd.DataFrame({"sample": range(k), "smiles": values[:k]})),
+                           file_name=f"{name}_molecules.csv", mime="text/csv", key=f"pr_svgcsv_{name}",
+                           on_click="ignore")
     elif kind == "protein":
         lengths, comp = protein_stats(values)
         c1, c2 = st.columns(2)
@@ -82,8 +85,8 @@ def preview(kind: str, name: str, values: list[str]) -> None:
         top = st.slider("top genes shown", 3, 50, 10, key=f"pr_top_{name}")
         table = gene_table(values, top)
         st.dataframe(table, hide_index=True, width="stretch", key=f"pr_genes_{name}")
-        st.download_button("CSV", table.to_csv(index=False).encode(), file_name=f"{name}_top_genes.csv",
-                           mime="text/csv", key=f"pr_genes_csv_{name}")
+        st.download_button("CSV", partial(csv_bytes, table), file_name=f"{name}_top_genes.csv",
+                           mime="text/csv", key=f"pr_genes_csv_{name}", on_click="ignore")
         fig, df = figures.gene_frequency(gene_frequency(values, top), top, name)
         show_figure(fig, df, f"{name} frequent genes", key=f"pr_gfreq_{name}")
     else:
@@ -134,6 +137,16 @@ def sources(m, cfg: MethodConfig, current: str) -> None:
                 st.rerun()
 
 
+def _probe_set(raw: dict, modalities, cfg: MethodConfig):
+    """build_probes with a progress bar while the drawn samples are checked."""
+    bar = st.empty()
+    try:
+        return build_probes(raw, modalities, cfg,
+                            progress=lambda msg, frac: bar.progress(min(max(frac, 0.0), 1.0), text=msg))
+    finally:
+        bar.empty()
+
+
 # ------------------------------------------------------------------------------------ page
 with guard():
     settings(state.method())
@@ -143,13 +156,12 @@ with guard():
     cfg = state.method()
     raw = state.samples()
     mods = [m.name for m in sp.modalities]
-    reports = state.sample_reports()
     src = state.sample_sources()
 
     probes = batcher = None
     problems = []
     try:
-        probes = build_probes(raw, sp.modalities, cfg)
+        probes = _probe_set(raw, sp.modalities, cfg)
     except ESMError as e:
         problems.append(e)
     if probes is not None:
@@ -160,18 +172,27 @@ with guard():
             problems.append(e)
     for e in problems:
         st.error(f"**{e.reason}**" + (f"  \nFix: {e.fix}" if e.fix else ""))
+    # without a probe set (a refusal) every row is checked, to show all that is wrong
+    reports = probes.reports if probes is not None else state.sample_reports()
 
     st.subheader("Samples per modality")
     counts = pd.DataFrame([dict(modality=m.name, kind=m.kind, source=src.get(m.name, ""),
-                                total=reports[m.name].n_total, valid=len(reports[m.name].values),
-                                bad=len(reports[m.name].bad),
+                                total=reports[m.name].n_total, examined=reports[m.name].n_examined,
+                                valid=len(reports[m.name].values), bad=len(reports[m.name].bad),
                                 used=len(probes.samples[m.name]) if probes is not None else 0,
                                 truncated=batcher.truncated.get(m.name, 0) if batcher is not None else None)
                            for m in sp.modalities])
     st.dataframe(counts, hide_index=True, width="stretch", key="pr_counts")
+    st.caption("examined = rows checked: only the seeded draw is validated (more are drawn when some are bad), "
+               "so valid and bad count the examined rows; the other rows were not checked.")
     if probes is not None:
-        st.caption(f"{probes.n_probes} probes · layout **{probes.layout}** · {cfg.probes_per_modality} drawn per "
-                   f"modality with seed {cfg.seed}"
+        used = ", ".join(f"{m} {probes.n_samples(m)}" for m in probes.modalities)
+        asked = cfg.probes_per_modality
+        short = any(probes.n_samples(m) < asked for m in probes.modalities)
+        st.caption(f"{probes.n_probes} probes · layout **{probes.layout}** · samples used: {used} "
+                   f"(asked for {asked} per modality, seed {cfg.seed}"
+                   + ("; a modality with fewer valid samples sets the count of joint probes" if short
+                      and probes.layout == "joint" else "") + ")"
                    + (f" · longest probe {max(batcher.lengths)} tokens" if batcher is not None and batcher.lengths
                       else "")
                    + f" · truncated = samples cut at {cfg.max_modality_tokens} tokens.")
@@ -186,15 +207,16 @@ with guard():
             st.markdown(f"**Preview** ({len(used)} samples in use)")
             with guard():
                 preview(m.kind, m.name, list(used))
-            st.markdown(f"**Bad rows** ({len(rep.bad)} of {rep.n_total}, skipped)")
+            st.markdown(f"**Bad rows** ({len(rep.bad)} of {rep.n_examined} examined, skipped; "
+                        f"{rep.n_total - rep.n_examined} of {rep.n_total} rows not examined)")
             if rep.bad:
                 bad = pd.DataFrame(rep.bad, columns=["row", "raw", "reason"])
                 st.dataframe(bad, hide_index=True, width="stretch", key=f"pr_bad_{m.name}")
-                st.download_button("CSV", bad.to_csv(index=False).encode(), file_name=f"{m.name}_bad_rows.csv",
-                                   mime="text/csv", key=f"pr_bad_csv_{m.name}")
+                st.download_button("CSV", partial(csv_bytes, bad), file_name=f"{m.name}_bad_rows.csv",
+                                   mime="text/csv", key=f"pr_bad_csv_{m.name}", on_click="ignore")
                 st.caption("row = position in the sample list (0 = the first data row of the file).")
             else:
-                st.caption("Every row is valid.")
+                st.caption("Every examined row is valid.")
 
     st.subheader("Tokenised probe (Fig. 4)")
     if batcher is None:
@@ -214,7 +236,7 @@ with guard():
                    f"holds {parts} (rows of each modality's sample list).")
         tdf = pd.DataFrame([dict(position=j, token=t, modality=mm or "") for j, (t, mm) in enumerate(toks)])
         c1, c2, _ = st.columns([1, 1, 4])
-        c1.download_button("HTML", f"<html><meta charset='utf-8'><body>{body}</body></html>".encode(),
-                           file_name=f"probe_{i}.html", mime="text/html", key="pr_probe_html")
-        c2.download_button("CSV", tdf.to_csv(index=False).encode(), file_name=f"probe_{i}_tokens.csv",
-                           mime="text/csv", key="pr_probe_csv")
+        c1.download_button("HTML", f"<html><meta charset='utf-8'><body>{body}</body></html>".encode,
+                           file_name=f"probe_{i}.html", mime="text/html", key="pr_probe_html", on_click="ignore")
+        c2.download_button("CSV", partial(csv_bytes, tdf), file_name=f"probe_{i}_tokens.csv",
+                           mime="text/csv", key="pr_probe_csv", on_click="ignore")

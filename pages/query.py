@@ -7,6 +7,8 @@ write. Answers come by label likelihood (probabilities of each label) and by gen
 
 from __future__ import annotations
 
+from functools import partial
+
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +20,7 @@ from esm_core.prompts import Example, Item, few_shot_prompt
 from esm_core.samples import validate
 from ui import state
 from ui.figures import color_map
-from ui.widgets import guard, show_figure
+from ui.widgets import csv_bytes, guard, show_figure
 
 st.title("Query the models")
 st.caption("The same prompt goes to the base, each specialist and every merged model of this session "
@@ -96,20 +98,22 @@ with guard():
             name = st.selectbox("task", [r["name"] for r in avail], key="q_task",
                                 format_func=lambda n: next(f"{r['title']} [{r['group']}]" for r in avail if r["name"] == n))
             task = _task(name, dd)
+            st.caption(f"{task.title}: pool {len(task.train)} rows, test split {len(task.test)} rows · "
+                       f"{task.load_note()}")
             c1, c2 = st.columns(2)
             row = int(c1.number_input(f"test row (0..{len(task.test) - 1})", 0, len(task.test) - 1, 0, key="q_row"))
             k = int(c2.slider("in-context examples k", 0, 8, 5, key="q_k"))
             q = build_query(task, row, k=k, answerer=answerer)
             prompt = q.prompt
             st.markdown(f"**{task.title}** — {task.question}  \nGold answer of test row {row}: **{prompt.answer}**"
-                        + (f" · {prompt.meta.get('dropped')} example(s) dropped to fit the context"
-                           if prompt.meta.get("dropped") else ""))
+                        f" · the prompt holds {len(prompt.meta['chosen'])} of k={k} examples"
+                        f" ({prompt.meta.get('dropped', 0)} dropped to fit the context)")
             if q.examples:
                 st.markdown("**Chosen examples** (similarity to the query and why they were chosen)")
                 df = q.table()
                 st.dataframe(df, hide_index=True, width="stretch")
-                st.download_button("CSV", df.to_csv(index=False).encode(), file_name=f"{name}_examples.csv",
-                                   key="q_ex_csv")
+                st.download_button("CSV", partial(csv_bytes, df), file_name=f"{name}_examples.csv",
+                                   mime="text/csv", key="q_ex_csv", on_click="ignore")
 
     else:
         sp = state.spec()
@@ -142,9 +146,10 @@ with guard():
         if st.button("Answer", type="primary", key="q_go") and models:
             from esm_core.evaluate import answer_side_by_side
 
-            with st.spinner("Answering ..."):
-                rows = answer_side_by_side(answerer, prompt, {m: (None if m == "base" else m) for m in models},
-                                           generate=gen)
+            merged = [m for m in models if m in state.merges()]
+            with st.spinner("Answering ..."), state.merged_adapters(merged) as adapters:
+                rows = answer_side_by_side(answerer, prompt, {m: adapters.get(m, None if m == "base" else m)
+                                                              for m in models}, generate=gen)
             st.session_state["q_answers"] = (prompt.text(), rows)
         ans = st.session_state.get("q_answers")
         if ans is not None and ans[0] == prompt.text():

@@ -9,6 +9,8 @@ applied only when every check passes. Nothing here loads model weights.
 
 from __future__ import annotations
 
+from functools import partial
+
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +22,7 @@ from esm_core.encoders import encoder_types
 from esm_core.errors import ESMError
 from esm_core.samples import VALIDATORS
 from ui import figures, state
-from ui.widgets import guard, show_figure
+from ui.widgets import csv_bytes, guard, show_figure
 
 st.title("Specialists")
 st.caption("One base model and K LoRA specialists on one copy of the base (METHOD.md §0). Every check below "
@@ -106,8 +108,9 @@ with guard():
                            "adapter makes.")
                 st.dataframe(table.style.format("{:.4g}"),
                              width="stretch", key=f"sp_norm_{n}")
-                st.download_button("CSV", table.reset_index().to_csv(index=False).encode(),
-                                   file_name=f"delta_norms_{n}.csv", mime="text/csv", key=f"sp_norm_csv_{n}")
+                st.download_button("CSV", partial(csv_bytes, table.reset_index()),
+                                   file_name=f"delta_norms_{n}.csv", mime="text/csv", key=f"sp_norm_csv_{n}",
+                                   on_click="ignore")
 
 # ------------------------------------------------------------------------------------ your own models
 st.subheader("Use your own models")

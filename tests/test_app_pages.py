@@ -70,12 +70,17 @@ def test_overview_runs_and_reports(app_env):
     from ui.session_io import read_session, session_bytes
 
     sp, cfg, samples = at.session_state["spec"], at.session_state["method"], at.session_state["samples"]
-    data = session_bytes(sp, cfg, samples, res)
-    sp2, cfg2, samples2, res2 = read_session(data)
-    assert cfg2 == cfg and samples2 == samples and [s.name for s in sp2.specialists] == res.specialists
-    for k in res.lam:
-        assert torch.equal(res2.lam[k], res.lam[k])
-    assert torch.equal(res2.states.pooled[res.modalities[0]], res.states.pooled[res.modalities[0]])
+    for with_states in (False, True):
+        data = session_bytes(sp, cfg, samples, res, include_states=with_states)
+        sp2, cfg2, samples2, res2 = read_session(data)
+        assert cfg2 == cfg and samples2 == samples and [s.name for s in sp2.specialists] == res.specialists
+        for k in res.lam:  # re-derived from the stored signals, bit for bit
+            assert torch.equal(res2.lam[k], res.lam[k])
+        assert torch.equal(res2.layer.alpha, res.layer.alpha)
+        if with_states:
+            assert torch.equal(res2.states.pooled[res.modalities[0]], res.states.pooled[res.modalities[0]])
+        else:
+            assert res2.states is None
     with pytest.raises(Exception, match="not a safetensors session file|not a workbench session"):
         read_session(b"not a session")
 

@@ -483,7 +483,7 @@ def test_adamerging_lowers_entropy_with_valid_deterministic_coefficients(workspa
     assert (lam >= 0).all() and (lam <= 1).all() and not torch.allclose(lam, torch.full_like(lam, 0.3))
     for k in ctx.keys:
         assert torch.equal(out.coefficients[k][:, 0, 0], lam[:, k.layer])
-    assert seen[-1] == 1.0 and seen == sorted(seen) and len(seen) == 9
+    assert seen[-1] == 1.0 and seen == sorted(seen) and len(seen) == 1 + 8 + 2 * 2  # start, steps, 2 evaluations
     _clean(workspace.sset)
     # the entropy the method reports is the served adapter's entropy (same scaling, same scoring)
     qa = Answerer(workspace.sset, workspace.encoders)

@@ -78,7 +78,7 @@ def alpha_heatmap(alpha, specialists: list[str], preset: str = "") -> tuple[go.F
     a = _np(alpha)  # [K, L]
     L = a.shape[1]
     fig = go.Figure(go.Heatmap(z=a.T, x=specialists, y=[str(l + 1) for l in range(L)], colorscale="Viridis",
-                               zmin=0, zmax=1, text=np.round(a.T, 3), texttemplate="%{text}",
+                               zmin=0, zmax=1, texttemplate="%{z:.3f}",
                                hovertemplate="block %{y}<br>%{x}: α=%{z:.4f}<extra></extra>"))
     fig.update_layout(title=f"α per block (Fig. 5){_tag(preset)}", height=max(260, 28 * L + 120),
                       yaxis_title="block", xaxis_title="specialist")
@@ -89,8 +89,8 @@ def alpha_heatmap(alpha, specialists: list[str], preset: str = "") -> tuple[go.F
 def distance_matrix(D, layer: int, specialists: list[str], modalities: list[str], preset: str = "") -> tuple[go.Figure, pd.DataFrame]:
     """Specialists x modalities SWD at one layer (Fig. 2); the row maximum is marked."""
     d = _np(D)[:, :, layer]
-    fig = go.Figure(go.Heatmap(z=d, x=modalities, y=specialists, colorscale="Magma", text=np.round(d, 3),
-                               texttemplate="%{text}", hovertemplate="%{y} on %{x} tokens: %{z:.4f}<extra></extra>"))
+    fig = go.Figure(go.Heatmap(z=d, x=modalities, y=specialists, colorscale="Magma",
+                               texttemplate="%{z:.3f}", hovertemplate="%{y} on %{x} tokens: %{z:.4f}<extra></extra>"))
     for k in range(d.shape[0]):
         m = int(np.argmax(d[k]))
         fig.add_shape(type="rect", x0=m - 0.5, x1=m + 0.5, y0=k - 0.5, y1=k + 0.5, line=dict(color="cyan", width=3))
@@ -133,13 +133,23 @@ def block_reduce(mat: np.ndarray, max_rows: int = 256, max_cols: int = 256) -> t
 
 
 def element_heatmaps(mats: dict[str, np.ndarray], title: str, *, zmin=None, zmax=None, colorscale="Viridis",
-                     max_cells: int = 256, offset: tuple[int, int] = (0, 0)) -> tuple[go.Figure, tuple[int, int]]:
-    """One heatmap per specialist, side by side, block-reduced above max_cells per side.
+                     max_cells: int = 256, offset: tuple[int, int] = (0, 0), symmetric: bool = False,
+                     row_title: str = "row", col_title: str = "column") -> tuple[go.Figure, tuple[int, int]]:
+    """One heatmap per specialist, side by side, block-reduced above max_cells per side, on ONE colour
+    scale (the one colour bar shown is true for every panel; ``symmetric``: centred on 0).
 
     ``offset`` is the (row, col) of the top-left cell when showing a crop, so hover shows true indices.
     """
     names = list(mats)
     first = next(iter(mats.values()))
+    if zmin is None or zmax is None:
+        finite = [np.asarray(m, dtype=np.float32)[np.isfinite(m)] for m in mats.values()]
+        lo = min((float(f.min()) for f in finite if f.size), default=0.0)
+        hi = max((float(f.max()) for f in finite if f.size), default=1.0)
+        if symmetric:
+            lo, hi = -max(abs(lo), abs(hi)), max(abs(lo), abs(hi))
+        zmin = lo if zmin is None else zmin
+        zmax = hi if zmax is None else zmax
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.04)
     factors = (1, 1)
     for i, n in enumerate(names):
@@ -154,6 +164,8 @@ def element_heatmaps(mats: dict[str, np.ndarray], title: str, *, zmin=None, zmax
     note = "" if factors == (1, 1) else f" — block means of {factors[0]}×{factors[1]} cells (select a crop for full resolution)"
     fig.update_layout(title=title + note, height=h)
     fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(title_text=col_title)
+    fig.update_yaxes(title_text=row_title, col=1)
     return fig, factors
 
 
@@ -178,13 +190,14 @@ def matrix_frame(mats: dict[str, np.ndarray], value: str) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------ embeddings
-def embedding_scatter(df: pd.DataFrame, title: str, models: list[str]) -> go.Figure:
-    """df columns: x, y, model, modality, sample, text (hover)."""
+def embedding_scatter(df: pd.DataFrame, title: str, models: list[str], axis: str = "component") -> go.Figure:
+    """df columns: x, y, model, modality, sample, text (hover); axis: the projection's name (PCA, UMAP)."""
     fig = px.scatter(df, x="x", y="y", color="model", symbol="modality", hover_name="text",
                      hover_data={"x": False, "y": False, "sample": True, "model": True, "modality": True},
                      color_discrete_map=color_map(models), custom_data=["model", "modality", "sample"])
     fig.update_traces(marker=dict(size=7, opacity=0.75))
-    fig.update_layout(title=title, height=560, dragmode="lasso", legend_title_text="model")
+    fig.update_layout(title=title, height=560, dragmode="lasso", legend_title_text="model",
+                      xaxis_title=f"{axis} 1", yaxis_title=f"{axis} 2")
     return fig
 
 

@@ -12,9 +12,13 @@ zoo) plus directories named in the environment variable ``ESM_ALLOWED_ROOTS`` (o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
+import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -188,21 +192,108 @@ def _store() -> dict:
     return {}
 
 
+@st.cache_resource(show_spinner=False)
+def _flights() -> "Flights":
+    return Flights()
+
+
+class Flight:
+    """One estimation in progress: others asking for the same run key wait for it and see its progress."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.result = None
+        self.error: BaseException | None = None
+        self.message, self.fraction = "starting", 0.0
+        self.started = time.monotonic()
+
+    def report(self, msg: str, frac: float) -> None:
+        self.message, self.fraction = msg, float(frac)
+
+
+class Flights:
+    """Identical requests are computed once: the first caller leads, the others follow its flight."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._by_key: dict[str, Flight] = {}
+
+    def join_or_lead(self, key: str) -> tuple[Flight, bool]:
+        with self._lock:
+            f = self._by_key.get(key)
+            if f is not None:
+                return f, False
+            f = self._by_key[key] = Flight()
+            return f, True
+
+    def land(self, key: str, f: Flight) -> None:
+        with self._lock:
+            if self._by_key.get(key) is f:
+                del self._by_key[key]
+        f.done.set()
+
+
 _MAX_RESULTS = 6
 
 
 def _estimate(key: str, ws, cfg: MethodConfig, progress=None):
+    """The result for key: from the store, by joining a run in progress, or computed here (once)."""
     from esm_core.pipeline import estimate
 
     store = _store()
-    if key in store:
-        store[key] = store.pop(key)  # most recently used last
-        return store[key]
-    res = estimate(ws, cfg, progress=progress)
-    store[key] = res
-    while len(store) > _MAX_RESULTS:
-        store.pop(next(iter(store)))
-    return res
+    while True:
+        if key in store:
+            store[key] = store.pop(key)  # most recently used last
+            st.session_state["run_source"] = "cached"
+            return store[key]
+        flight, lead = _flights().join_or_lead(key)
+        if lead:
+            break
+        while not flight.done.wait(0.3):  # follow the run another session started
+            if progress:
+                progress(f"joined a run another session started: {flight.message}", flight.fraction)
+        if flight.error is None:
+            st.session_state["run_source"] = "joined"
+            return flight.result
+        if isinstance(flight.error, ESMError):
+            raise flight.error
+        # the leader was cancelled or failed unexpectedly: try again (maybe as the leader)
+
+    def both(msg, frac):
+        flight.report(msg, frac)
+        if progress:
+            progress(msg, frac)
+
+    try:
+        with ws.sset.gate.waiting(lambda ahead, secs, who: both(waiting_text(ahead, secs, who), 0.0)):
+            res = estimate(ws, cfg, progress=both)
+        store[key] = res
+        while len(store) > _MAX_RESULTS:
+            store.pop(next(iter(store)))
+        flight.result = res
+        st.session_state["run_source"] = "computed"
+        return res
+    except BaseException as e:
+        flight.error = e
+        raise
+    finally:
+        _flights().land(key, flight)
+
+
+def waiting_text(ahead: int, seconds: float, holder: str) -> str:
+    about = f", about {seconds:.0f} s" if seconds >= 1 else ""
+    return (f"waiting for the shared model: {ahead} operation(s) ahead of yours"
+            + (f" ({holder} running)" if holder else "") + about)
+
+
+@contextlib.contextmanager
+def shared_model_turn(where=None):
+    """Show where this session stands while it waits for the shared model (one line, then gone)."""
+    sset = specialists()
+    slot = (where or st).empty()
+    with sset.gate.waiting(lambda ahead, secs, who: slot.info(waiting_text(ahead, secs, who).capitalize() + ".")):
+        yield sset
+    slot.empty()
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
@@ -254,32 +345,57 @@ def base_result():
     return st.session_state.get("base_result")
 
 
+@st.cache_resource(show_spinner="Computing the hidden states from the models ...", max_entries=4)
+def _states(key: str, _ws, _cfg, _models: tuple):
+    from esm_core.probe import collect_hidden_states
+
+    return collect_hidden_states(_ws.sset, _ws.batcher(_cfg), list(_models), batch_size=_cfg.batch_size,
+                                 token_layers=_cfg.token_layers)
+
+
+def states_of(res):
+    """The result's hidden states; for a result loaded without them, recomputed from the models (cached)."""
+    if res.states is not None:
+        return res.states
+    ws = workspace()
+    with shared_model_turn():
+        hs = _states(f"{run_key(res.config)}:states", ws, res.config, (None, *res.specialists))
+    return replace(hs, models=["base", *res.specialists])
+
+
 def needs_rerun() -> bool:
     return has_result() and result() is None
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def _sweep(key: str, counts: tuple, n_sets: int, _res):
+def _sweep(key: str, counts: tuple, n_sets: int, _res, _states, _progress):
     from esm_core.coefficients import alpha_projection_sweep, modality_weights
 
     w = modality_weights(_res.modalities, _res.own_modalities, _res.config.other_modality_weight)
-    return alpha_projection_sweep(_res.states, len(_res.specialists), _res.config, w, counts=counts,
-                                  seeds=range(n_sets))
+    return alpha_projection_sweep(_states, len(_res.specialists), _res.config, w, counts=counts,
+                                  seeds=range(n_sets), progress=_progress)
 
 
-def projection_sweep(res, counts: tuple, n_sets: int):
+def projection_sweep(res, counts: tuple, n_sets: int, progress=None):
     """alpha per projection count over n_sets independent projection sets (cached)."""
-    return _sweep(f"{st.session_state.get('run_key')}:{res.config.fingerprint()}", tuple(counts), int(n_sets), res)
+    return _sweep(f"{st.session_state.get('run_key')}:{res.config.fingerprint()}", tuple(counts), int(n_sets), res,
+                  states_of(res), progress)
 
 
 # ------------------------------------------------------------------------------------ merges
 def merges() -> dict:
-    """Merged adapters made in this session: name -> {method, pretty, params, output, folded, key}.
+    """Merged adapters made in this session: display name -> {method, pretty, params, output, folded,
+    adapter, key}.
 
-    Each one is also loaded as an extra adapter named ``name`` on the shared base copy, so it can be
-    queried and embedded like a specialist.
+    Each is loaded on the shared base copy under ``adapter``, a name no other session can take (the
+    display name plus this session's tag); the shared model keeps the most recently used ones and
+    reloads an evicted one from ``output`` when it is needed again (see :func:`merged_adapters`).
     """
     return st.session_state.setdefault("merges", {})
+
+
+def session_tag() -> str:
+    return st.session_state.setdefault("_session_tag", uuid.uuid4().hex[:10])
 
 
 def merge_name(method: str) -> str:
@@ -287,9 +403,29 @@ def merge_name(method: str) -> str:
     return f"merged_{method}_{n}"
 
 
+MAX_SHARED_MERGES = 16  # merged adapters kept on the shared model (all sessions together)
+
+
+@contextlib.contextmanager
+def merged_adapters(names, where=None):
+    """Hold the shared model with this session's merges ``names`` loaded; yields display -> adapter name."""
+    from esm_core.merge import merged_config
+
+    with shared_model_turn(where) as sset, sset.exclusive("answering"):
+        out = {}
+        template = sset.adapters[sset.names[0]]
+        for n in names:
+            m = merges().get(n)
+            if m is None:
+                raise ESMError(f"No merged model named {n!r} in this session.", fix="merge on the Merge page first.")
+            cfg = merged_config(template, sset.base_path, m["folded"])
+            out[n] = sset.ensure_adapter(m["adapter"], lambda m=m: m["output"].tensors, cfg, keep=MAX_SHARED_MERGES)
+        yield out
+
+
 def run_merge(method_name: str, params: dict, *, data=None, progress=None) -> str:
-    """Merge with a registered method (ES uses the current result), load it next to the specialists."""
-    from esm_core.merge import MergeContext, get_method, merged_config
+    """Merge with a registered method (ES uses the current result); returns the merge's display name."""
+    from esm_core.merge import MergeContext, get_method
 
     method = get_method(method_name)
     ws = workspace()
@@ -299,14 +435,28 @@ def run_merge(method_name: str, params: dict, *, data=None, progress=None) -> st
                        fix="run ES-Merging on the Overview page first.")
     ctx = MergeContext.from_specialists(ws.sset, workspace=ws, es_result=res, data=data, seed=method_seed(),
                                         progress=progress)
-    out = method.run(ctx, params)
+    with ws.sset.gate.waiting(lambda ahead, secs, who: progress and progress(waiting_text(ahead, secs, who), 0.0)):
+        out = method.run(ctx, params)
     name = merge_name(method_name)
-    template = ws.sset.adapters[ws.sset.names[0]]
-    ws.sset.add_adapter(name, out.tensors, merged_config(template, ws.sset.base_path, ctx.folded))
     merges()[name] = dict(method=method_name, pretty=method.pretty, params=out.info.get("params", params),
                           output=out, folded=ctx.folded, scalings=ctx.scalings, key=run_key(),
+                          adapter=f"{name}__{session_tag()}",
                           es_config=res.config.resolved() if res is not None else None)
     return name
+
+
+@st.cache_resource(show_spinner=False)
+def _learned_speeds() -> dict:
+    return {}
+
+
+def learned_speed(method: str) -> float | None:
+    """Seconds per batch that a learned merge took last on this server (for the estimate before starting)."""
+    return _learned_speeds().get(method)
+
+
+def record_learned_speed(method: str, seconds_per_batch: float) -> None:
+    _learned_speeds()[method] = float(seconds_per_batch)
 
 
 def method_seed() -> int:
@@ -314,18 +464,19 @@ def method_seed() -> int:
 
 
 @st.cache_resource(show_spinner="Forwarding the probes through the merged model ...", max_entries=16)
-def _merged_states(key: str, name: str, _ws, _cfg):
+def _merged_states(key: str, adapter: str, _ws, _cfg):
     from esm_core.probe import collect_hidden_states
 
-    return collect_hidden_states(_ws.sset, _ws.batcher(_cfg), [name], batch_size=_cfg.batch_size,
+    return collect_hidden_states(_ws.sset, _ws.batcher(_cfg), [adapter], batch_size=_cfg.batch_size,
                                  token_layers=_cfg.token_layers)
 
 
 def merged_states(name: str, cfg: MethodConfig):
-    """Hidden states of a session merge on the current probes (cached)."""
-    if name not in merges():
-        raise ESMError(f"No merged model named {name!r} in this session.", fix="merge on the Merge page first.")
-    return _merged_states(f"{run_key(cfg)}:{name}:{id(merges()[name]['output'])}", name, workspace(), cfg)
+    """Hidden states of a session merge on the current probes (cached; computed holding the model)."""
+    ws = workspace()
+    with merged_adapters([name]) as adapters:
+        hs = _merged_states(f"{run_key(cfg)}:{adapters[name]}", adapters[name], ws, cfg)
+    return replace(hs, models=[name])  # this session's name for it, not the shared adapter's
 
 
 def device_label() -> str:

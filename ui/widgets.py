@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 
 import pandas as pd
@@ -13,20 +14,44 @@ from esm_core.errors import Cancelled, ESMError
 
 from . import state
 
+log = logging.getLogger("esm_workbench")
+
 
 @contextlib.contextmanager
 def guard():
-    """Show a user mistake as st.error (cause and fix) and keep the app running."""
+    """Show a user mistake as st.error (cause and fix) and keep the app running. Anything else is a bug:
+    one message for the user, the traceback for the operator in the server log (never on the page)."""
     try:
         yield
     except ESMError as e:
         st.error(f"**{e.reason}**" + (f"  \nFix: {e.fix}" if e.fix else ""))
     except Cancelled:
         st.warning("Cancelled; nothing was kept.")
+    except Exception as e:  # noqa: BLE001 - the last line of defence of a page
+        log.exception("unexpected error on a page")
+        st.error(f"**Something went wrong ({type(e).__name__}).** The details are in the server log.  \n"
+                 "Fix: try again; if it happens again, send the server log to the operator.")
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "figure"
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _defused(v):
+    return "'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v
+
+
+def csv_bytes(df: pd.DataFrame) -> bytes:
+    """The table as CSV for a download: text cells (and headers) that a spreadsheet would run as a formula
+    get a leading ' (OWASP CSV injection); numeric columns, negative numbers included, stay numbers.
+    CRLF line ends (RFC 4180) make the writer quote a cell holding a lone CR, so no row is split."""
+    out = df.rename(columns=_defused)
+    for c in out.columns[[pd.api.types.is_string_dtype(t) for t in out.dtypes]]:
+        out[c] = out[c].map(_defused)
+    return out.to_csv(index=False, lineterminator="\r\n").encode()
 
 
 def show_figure(fig, data: pd.DataFrame | None, name: str, *, key: str | None = None, on_select=None,
@@ -39,13 +64,16 @@ def show_figure(fig, data: pd.DataFrame | None, name: str, *, key: str | None = 
     if on_select is not None:
         kw = dict(on_select=on_select, selection_mode=selection_mode or ("points", "box", "lasso"))
     event = st.plotly_chart(fig, width="stretch", config=cfg, key=f"fig_{key}", **kw)
-    c1, c2, _ = st.columns([1, 1, 10])
-    c1.download_button("HTML", fig.to_html(include_plotlyjs="cdn", full_html=True).encode(),
-                       file_name=f"{slug(name)}.html", mime="text/html", key=f"html_{key}",
-                       help="Interactive figure (PNG: camera icon in the figure's toolbar).")
-    if data is not None:
-        c2.download_button("CSV", data.to_csv(index=False).encode(), file_name=f"{slug(name)}.csv",
-                           mime="text/csv", key=f"csv_{key}", help="The data shown in this figure.")
+    with st.container(horizontal=True):
+        # deferred: built when clicked, so no rerun starts a download the browser must hold open
+        st.download_button("HTML", lambda: fig.to_html(include_plotlyjs="cdn", full_html=True).encode(),
+                           file_name=f"{slug(name)}.html", mime="text/html", key=f"html_{key}", on_click="ignore",
+                           icon=":material/download:", help="Interactive figure (PNG: camera icon in the figure's "
+                           "toolbar).")
+        if data is not None:
+            st.download_button("CSV", lambda: csv_bytes(data), file_name=f"{slug(name)}.csv", mime="text/csv",
+                               key=f"csv_{key}", on_click="ignore", icon=":material/download:",
+                               help="The data shown in this figure.")
     return event
 
 
@@ -85,26 +113,41 @@ def method_controls(where: str, fields: tuple[str, ...] = ("preset", "tau_layer"
     return cfg
 
 
+def timed_progress(where):
+    """A progress callback (message, fraction) drawing a bar and the message in ``where``, with the
+    elapsed time and, once a few percent are done, the time left."""
+    import time
+
+    bar, note, t0 = where.progress(0.0), where.empty(), time.perf_counter()
+
+    def progress(msg: str, frac: float) -> None:
+        frac = min(max(float(frac), 0.0), 1.0)
+        bar.progress(frac)
+        el = time.perf_counter() - t0
+        left = f", about {el / frac * (1 - frac):.0f} s left" if 0.03 < frac < 1 and "left" not in msg else ""
+        note.write(f"{msg} · {el:.0f} s elapsed{left}" if "elapsed" not in msg else msg)
+    return progress
+
+
 def run_button(label: str = "Run ES-Merging", key: str = "run") -> bool:
     """Run the estimation with a live progress display; clicking anything else cancels it."""
     if not st.button(label, type="primary", key=key):
         return False
+    status = st.status("Running ES-Merging ...", expanded=True)
+    ok = False
     with guard():
-        status = st.status("Running ES-Merging ...", expanded=True)
-        bar = status.progress(0.0)
-        note = status.empty()
-
-        def progress(msg, frac):
-            bar.progress(min(max(float(frac), 0.0), 1.0))
-            note.write(msg)
-
+        progress = timed_progress(status)
         res = state.run(progress)
         t = res.timings
-        status.update(label=f"Done in {t.get('estimate_total_s', 0):.1f} s "
+        how = {"cached": "Loaded the result computed earlier", "joined": "Joined a run another session started",
+               }.get(st.session_state.get("run_source"), "Done")
+        status.update(label=f"{how}: computed in {t.get('estimate_total_s', 0):.1f} s "
                             f"(forward {t.get('forward_s', 0):.1f} s, gradients {t.get('backward_s', 0):.1f} s, "
                             f"SWD {t.get('swd_s', 0):.1f} s)", state="complete", expanded=False)
-        return True
-    return False
+        ok = True
+    if not ok:
+        status.update(label="ES-Merging did not finish (see the message below)", state="error", expanded=False)
+    return ok
 
 
 def need_result(page: str):

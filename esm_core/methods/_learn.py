@@ -16,6 +16,7 @@ The model stays in eval mode (no LoRA dropout), so a seed fixes the whole run.
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
@@ -207,3 +208,32 @@ def answer_nll(ov: LoraOverride, factors, items: list[Prepared]) -> tuple[torch.
 def report(ctx, msg: str, frac: float) -> None:
     if ctx.progress is not None:
         ctx.progress(msg, float(frac))
+
+
+class Work:
+    """Progress of a learned merge over all its passes (an evaluation of every prompt before and after,
+    the optimisation steps between), with the time left estimated from the passes done so far."""
+
+    def __init__(self, ctx, what: str, steps: int, n_prompts: int, batch_size: int):
+        self.ctx, self.what, self.steps = ctx, what, int(steps)
+        self.eval_batches = -(-int(n_prompts) // max(1, int(batch_size)))
+        self.total = self.steps + 2 * self.eval_batches
+        self.done, self.step_no = 0, 0
+        self.t0 = time.perf_counter()
+        report(ctx, f"{what}: {self.steps} steps + 2 evaluations of {n_prompts} prompts "
+                    f"({self.total} batches in all)", 0.0)
+
+    def _left(self) -> str:
+        el = time.perf_counter() - self.t0
+        left = el / self.done * (self.total - self.done)
+        return f"{el:.0f} s elapsed, about {left:.0f} s left"
+
+    def eval_tick(self) -> None:
+        self.done += 1
+        report(self.ctx, f"{self.what}: evaluating all prompts · {self._left()}", self.done / self.total)
+
+    def step(self, note: str) -> None:
+        self.done += 1
+        self.step_no += 1
+        report(self.ctx, f"{self.what} step {self.step_no}/{self.steps}: {note} · {self._left()}",
+               self.done / self.total)

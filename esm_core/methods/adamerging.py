@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..merge import MergeMethod, MergeOutput, Param, register, weighted_sum
-from ._learn import Batches, label_entropy, prepare, report, require_prompts, temporary_adapter
+from ._learn import Batches, Work, label_entropy, prepare, require_prompts, temporary_adapter
 
 
 def coefficients(raw: torch.Tensor, constraint: str) -> torch.Tensor:
@@ -39,11 +39,13 @@ def merged_factors(stacks: dict, lam: torch.Tensor, col: dict) -> dict:
     return out
 
 
-def mean_entropy(ov, factors, items, batch_size: int) -> float:
+def mean_entropy(ov, factors, items, batch_size: int, tick=None) -> float:
     with torch.no_grad():
         tot = 0.0
         for s in range(0, len(items), batch_size):
             tot += float(label_entropy(ov, factors, items[s:s + batch_size]).sum())
+            if tick:
+                tick()
     return tot / len(items)
 
 
@@ -64,9 +66,9 @@ def _run(ctx, params) -> MergeOutput:
     steps = params["steps"]
     trace = []
     init = {k: v.detach() for k, v in merged_factors(stacks, coefficients(raw, params["constraint"]), col).items()}
+    work = Work(ctx, "AdaMerging", steps, len(items), params["batch_size"])
     with temporary_adapter(ctx, init, "adamerging") as ov, torch.enable_grad():
-        before = mean_entropy(ov, init, items, params["batch_size"])
-        report(ctx, f"AdaMerging: initial entropy {before:.4f}", 0.0)
+        before = mean_entropy(ov, init, items, params["batch_size"], tick=work.eval_tick)
         for step in range(steps):
             idx = batches.next()
             lam = coefficients(raw, params["constraint"])
@@ -75,10 +77,10 @@ def _run(ctx, params) -> MergeOutput:
             h.backward()
             opt.step()
             trace.append(h.item())
-            report(ctx, f"AdaMerging step {step + 1}/{steps}: batch entropy {h.item():.4f}", (step + 1) / steps)
+            work.step(f"batch entropy {h.item():.4f} (initial mean {before:.4f})")
         lam = coefficients(raw, params["constraint"]).detach()
         final = merged_factors(stacks, lam, col)
-        after = mean_entropy(ov, final, items, params["batch_size"])
+        after = mean_entropy(ov, final, items, params["batch_size"], tick=work.eval_tick)
     coef = {k: lam[:, col[k.layer]].reshape((K,) + (1,) * (stacks[k].ndim - 1)).expand(stacks[k].shape)
             for k in ctx.keys}
     info = {"entropy_before": before, "entropy_after": after, "entropy_trace": trace, "layers": layers,

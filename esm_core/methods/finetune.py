@@ -18,15 +18,17 @@ from __future__ import annotations
 import torch
 
 from ..merge import MergeMethod, MergeOutput, Param, register
-from ._learn import Batches, answer_nll, prepare, report, require_prompts, temporary_adapter
+from ._learn import Batches, Work, answer_nll, prepare, require_prompts, temporary_adapter
 
 
-def mean_nll(ov, factors, items, batch_size: int) -> float:
+def mean_nll(ov, factors, items, batch_size: int, tick=None) -> float:
     with torch.no_grad():
         tot, n = 0.0, 0
         for s in range(0, len(items), batch_size):
             l, c = answer_nll(ov, factors, items[s:s + batch_size])
             tot, n = tot + float(l), n + c
+            if tick:
+                tick()
     return tot / max(1, n)
 
 
@@ -38,9 +40,9 @@ def _run(ctx, params) -> MergeOutput:
     batches = Batches(items, params["batch_size"], ctx.seed)
     steps = params["steps"]
     trace = []
+    work = Work(ctx, "Fine-tuning", steps, len(items), params["batch_size"])
     with temporary_adapter(ctx, factors, "finetune") as ov, torch.enable_grad():
-        before = mean_nll(ov, factors, items, params["batch_size"])
-        report(ctx, f"Fine-tuning: initial loss {before:.4f}", 0.0)
+        before = mean_nll(ov, factors, items, params["batch_size"], tick=work.eval_tick)
         for step in range(steps):
             batch = [items[i] for i in batches.next()]
             nll, n = answer_nll(ov, factors, batch)
@@ -49,8 +51,8 @@ def _run(ctx, params) -> MergeOutput:
             loss.backward()
             opt.step()
             trace.append(loss.item())
-            report(ctx, f"Fine-tuning step {step + 1}/{steps}: loss {loss.item():.4f}", (step + 1) / steps)
-        after = mean_nll(ov, factors, items, params["batch_size"])
+            work.step(f"loss {loss.item():.4f} (initial mean {before:.4f})")
+        after = mean_nll(ov, factors, items, params["batch_size"], tick=work.eval_tick)
     tensors = {k: v.detach().clone() for k, v in factors.items()}
     info = {"loss_before": before, "loss_after": after, "loss_trace": trace, "n_prompts": len(items),
             "init": "average"}
