@@ -74,6 +74,7 @@ def server(world, app_run_yaml):
 def test_main_flow_in_chromium(server):
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=120_000)  # waits end on the app's own text; a loaded machine is slow
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
@@ -131,6 +132,7 @@ def test_many_page_visits_after_a_run_leave_the_app_responsive(server):
     input, a CSV download and the session file must all work."""
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=120_000)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1440, "height": 900})
@@ -154,6 +156,8 @@ def test_many_page_visits_after_a_run_leave_the_app_responsive(server):
         box = page.get_by_label("Molecule (smiles; leave empty to omit)")
         expect(box).to_be_editable(timeout=30_000)  # not a grey skeleton
         box.fill("CCO")
+        box.press("Enter")
+        expect(page.get_by_role("button", name="Answer")).to_be_enabled()
         page.get_by_role("link", name="Layer signals").first.click()
         expect(page.get_by_text("Sliced Wasserstein distance per layer").first).to_be_visible()
         with page.expect_download(timeout=60_000) as dl:
