@@ -195,8 +195,8 @@ def test_tiny_zoo_builds_loads_and_answers(tmp_path):
 
 @pytest.mark.parametrize("argv,msg", [
     (["zoo", "skills", "--skills", "mol_logp,no_such_skill"], "Unknown skill"),
-    (["zoo", "demo-data", "--out", str(DEMO_DIR)], "already holds demo files"),
-    (["zoo", "build", "--out", str(DEMO_DIR)], "already exists"),
+    (["zoo", "demo-data", "--out", str(DEMO_DIR)], "already exists"),
+    (["zoo", "build", "--out", str(DEMO_DIR)], "is the demo data directory, an input"),
     (["zoo", "skills", "--zoo", str(DEMO_DIR)], "not a zoo directory"),
 ])
 def test_cli_refusals_are_one_line_errors(argv, msg, capsys):
