@@ -15,7 +15,7 @@ import streamlit as st
 
 st.set_page_config(page_title="ES-Merging workbench", page_icon=":material/hub:", layout="wide")
 
-from ui import state  # noqa: E402
+from ui import session_io, state  # noqa: E402
 from ui.widgets import guard  # noqa: E402
 
 # URL paths differ from the file names on purpose: until st.navigation has run once in a server
@@ -48,8 +48,6 @@ def sidebar() -> None:
             res = state.base_result()
             st.caption("**computed** " + ("yes" if res is not None else "not yet"))
         st.divider()
-        from ui import session_io
-
         session_io.session_panel()
 
 

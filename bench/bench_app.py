@@ -3,7 +3,7 @@
 1. Page opens (AppTest, server time = one script run): the estimation runs once, then every page is
    opened `--repeats` times; the median time per page is printed next to what a naive app that
    recomputed on every open would pay (the estimation's own time), and their ratio.
-   Target (issue 4): every page under 1 s.
+   Target: every page under 1 s.
 2. Cold start: a fresh `streamlit run` process until the Overview's text is rendered in Debian's
    chromium (Playwright), or, without chromium, until the server answers and AppTest's first run of
    the Overview finishes. Target: under 10 s.
@@ -43,7 +43,7 @@ def page_times(repeats: int) -> None:
     t_est = time.perf_counter() - t0
     if at.exception:
         raise SystemExit(f"app raised: {at.exception[0].value}")
-    res = at.session_state["base_result"]
+    res = at.session_state["esm"].base_result
     print(f"first Overview run (AppTest, imports included): {t_first:.2f} s")
     print(f"estimation on the Overview: {t_est:.2f} s ({res.probe_summary.get('n_probes')} probes, "
           f"{res.config.n_projections} projections)")

@@ -34,7 +34,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     from esm_core.pipeline import Workspace, estimate
-    from esm_core.zoo import demo_spec
+    from esm_core.zoo.load import demo_spec
 
     ws = Workspace.from_spec(demo_spec())
     cfgs = [ws.spec.method.replace(seed=100 + i) for i in range(args.sessions)]
@@ -44,7 +44,7 @@ def main() -> int:
         t = time.perf_counter()
         solo.append(estimate(ws, c))
         solo_t.append(time.perf_counter() - t)
-    print(f"solo estimations: " + ", ".join(f"{t:.1f} s" for t in solo_t))
+    print("solo estimations: " + ", ".join(f"{t:.1f} s" for t in solo_t))
 
     gate = ws.sset.gate
     start = threading.Barrier(args.sessions)

@@ -16,7 +16,7 @@ the same coefficients; the bench prints both times, their ratio and the peak mem
     python bench/bench_estimate.py --preset paper       # per-sample Frobenius signal, all modalities
     python bench/bench_estimate.py --shape llama8b --device cuda --skip-naive   # real scale on a GPU
 
-Target (issue 2): >= 3x faster than naive; peak memory = one base copy + adapters + activations.
+Target: >= 3x faster than naive; peak memory = one base copy + adapters + activations.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {
-    # ~3.6M parameters: the size DESIGN.md measured on this machine
+    # ~3.6M parameters: the size whose timings were measured on the 2-core development machine
     "small": dict(layers=6, hidden=192, intermediate=768, heads=6, kv_heads=6),
     # LLaMA-3.1-8B shape (random weights, bf16): for a GPU run
     "llama8b": dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8),
@@ -114,7 +114,8 @@ def build_world_8b(d: Path, rank: int) -> dict:
 
 
 def spec_for(world: dict, preset: str, n: int, projections: int, device: str):
-    from esm_core.config import MethodConfig, ModalitySpec, RunSpec, SpecialistSpec
+    from esm_core.config import MethodConfig
+    from esm_core.runspec import ModalitySpec, RunSpec, SpecialistSpec
 
     mods = [ModalitySpec("molecule", "Molecule: ", "smiles", max_tokens=48),
             ModalitySpec("protein", "Protein: ", "protein", max_tokens=48),
@@ -128,7 +129,7 @@ def spec_for(world: dict, preset: str, n: int, projections: int, device: str):
 def load_sset(world: dict, spec, shape: str):
     import torch
 
-    from esm_core.specialists import SpecialistSet
+    from esm_core.models import SpecialistSet
 
     if shape != "llama8b":
         return None
@@ -177,9 +178,9 @@ def run_naive(world, spec, samples, shape) -> dict:
     from sklearn.preprocessing import StandardScaler
     from transformers import AutoModelForCausalLM
 
-    from esm_core.coefficients import (combine, element_coefficients, layer_coefficients, modality_weights)
+    from esm_core.coefficients import combine, element_coefficients, layer_coefficients, modality_weights
     from esm_core.pipeline import Workspace
-    from esm_core.swd import projections
+    from esm_core.signals.swd import projections
 
     cfg = spec.method
     t0 = time.perf_counter()
@@ -263,8 +264,8 @@ def run_naive(world, spec, samples, shape) -> dict:
                 D[ki, mi, l] = ot.sliced_wasserstein_distance(X.astype(np.float32), Y.astype(np.float32),
                                                               projections=P.astype(np.float32), p=cfg.swd_p)
     t_swd = time.perf_counter() - t2
-    # coefficients from the raw numbers (same formulas as METHOD.md; cheap either way)
-    from esm_core.specialists import parse_peft_key
+    # coefficients from the raw numbers (the formulas of docs/METHOD.md sections 2-4; cheap either way)
+    from esm_core.adapters import parse_peft_key
 
     g = {parse_peft_key(k)[0]: torch.stack([scores[n][k].float() for n in names]) for k in scores[names[0]]}
     w = modality_weights(mods, [s.modality for s in spec.specialists], cfg.other_modality_weight)
@@ -327,7 +328,6 @@ def main() -> None:
         results[which] = json.loads((d / f"{which}.json").read_text())
         results[which]["lam"] = load_file(str(d / f"{which}.safetensors"))
     o = results["ours"]
-    import torch
 
     print(f"\nshape={args.shape} preset={args.preset} probes={o['probes'].get('n_probes')} "
           f"projections={args.projections} specialists=3 rank={args.rank} device={args.device} "

@@ -2,7 +2,7 @@
 
 Uses the demo zoo (assets/zoo/run.yaml) when it exists, else a tiny random LLaMA world built in a
 temporary directory. Prompts: up to 500 test rows spread over the tasks whose data is present
-(METHOD.md section 7 prompts with k = 5 examples), else synthetic molecule-protein prompts.
+(docs/METHOD.md section 7 prompts with k = 5 examples), else synthetic molecule-protein prompts.
 
 Both answer modes are timed (label likelihood + greedy generation), as evaluate/compare run them:
 - batched: esm_core.evaluate.BatchedAnswerer on all prompts (shared-prefix KV cache, length-sorted
@@ -39,8 +39,6 @@ BENCH_TASKS = ("biosnap", "human", "gdsc2", "drugcomb", "cyp2d6")
 
 
 def tiny_world(tmp: Path):
-    from esm_core.config import EncoderSpec, MethodConfig, ModalitySpec, RunSpec, SpecialistSpec
-    from esm_core.evaluate import load_models  # noqa: F401  (same loaders as the CLI)
     from esm_core.tiny import build_tiny_base, make_lora_adapter
 
     base = build_tiny_base(tmp / "base", layers=4, hidden=128, intermediate=384, heads=4, seed=0, max_positions=4096)
@@ -57,7 +55,7 @@ def tiny_world(tmp: Path):
 
 
 def synthetic_task():
-    from esm_core.tasks import Record, TaskData
+    from esm_core.benchmark.tasks import Record, TaskData
 
     rnd = random.Random(0)
     mols = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "CCCC", "CC(C)O", "CCl", "c1ccncc1", "CC(=O)N", "OCCO", "CCS"]
@@ -85,9 +83,13 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from esm_core.evaluate import BatchedAnswerer, default_config, load_models, task_prompts
-    from esm_core.prompts import Answerer
-    from esm_core.tasks import load_tasks
+    from esm_core.answering.answerer import Answerer
+    from esm_core.answering.batched import BatchedAnswerer
+    from esm_core.benchmark.harness import task_prompts
+    from esm_core.benchmark.tasks import load_tasks
+    from esm_core.paths import default_config
+    from esm_core.pipeline import Workspace
+    from esm_core.runspec import load_run_spec
 
     tmp = None
     cfg = Path(args.config) if args.config else default_config()
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
         cfg = tiny_world(Path(tmp.name))
     residues = args.protein_residues if args.protein_residues is not None else (300 if world == "demo zoo" else None)
     t0 = time.perf_counter()
-    ws = load_models(cfg)
+    ws = Workspace.from_spec(load_run_spec(cfg), with_samples=False)
     t_load = time.perf_counter() - t0
     fast = BatchedAnswerer(ws.sset, ws.encoders, batch_size=args.batch_size)
 

@@ -32,7 +32,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     from esm_core.pipeline import Workspace, estimate
-    from esm_core.zoo import demo_spec
+    from esm_core.zoo.load import demo_spec
 
     t0 = time.perf_counter()
     spec = demo_spec(preset=args.preset)

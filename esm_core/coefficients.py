@@ -1,4 +1,4 @@
-"""Coefficients from signals: layer-wise alpha, element-wise beta, combined lambda (METHOD.md 2-4).
+"""Coefficients from signals: layer-wise alpha, element-wise beta, combined lambda (docs/METHOD.md sections 2-4).
 
 Pure functions of arrays; every intermediate is returned because the app plots it.
 
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .specialists import LoraKey
-from .swd import projections, sliced_wasserstein
+from esm_core.adapters import LoraKey
+from esm_core.signals.swd import projections, sliced_wasserstein
 
 
 @dataclass
@@ -93,7 +93,7 @@ def modality_weights(modalities: list[str], own: list[str | None], other_weight:
 
 
 def layer_coefficients(D: torch.Tensor, cfg, weights: torch.Tensor | None = None) -> LayerSignals:
-    """alpha [K, L] from the SWD matrix D [K, M, L+1] (METHOD.md section 2, steps 3-6)."""
+    """alpha [K, L] from the SWD matrix D [K, M, L+1] (docs/METHOD.md section 2, steps 3-6)."""
     D = D.double()
     if cfg.first_delta == "diff":
         delta = D[..., 1:] - D[..., :-1]
@@ -115,7 +115,7 @@ def stack_scores(scores: dict[str, dict[LoraKey, torch.Tensor]], names: list[str
 
 
 def element_coefficients(g: dict[LoraKey, torch.Tensor], cfg) -> ElementSignals:
-    """beta per element from raw scores g[key] = [K, *shape] (METHOD.md section 3, steps 3-4)."""
+    """beta per element from raw scores g[key] = [K, *shape] (docs/METHOD.md section 3, steps 3-4)."""
     gz: dict[LoraKey, torch.Tensor] = {}
     if cfg.zscore_scope == "tensor":
         for k, v in g.items():

@@ -1,6 +1,6 @@
 """Modality encoders: raw input (SMILES, sequence, gene list) -> n token embeddings in R^d.
 
-METHOD.md section 0: a modality encoder E_m maps a raw input to token embeddings that are spliced
+docs/METHOD.md section 0: a modality encoder E_m maps a raw input to token embeddings that are spliced
 into the probe. The SAME encoder feeds the base and every specialist, so differences downstream come
 from the adapters alone.
 
@@ -23,15 +23,16 @@ Feature functions for soft-token encoders are registered likewise with ``registe
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import ESMError
+from esm_core import chem
+from esm_core.errors import ESMError
 
 ENCODER_CONFIG = "encoder_config.json"
 ENCODER_WEIGHTS = "encoder.safetensors"
@@ -140,28 +141,8 @@ def _make_text(spec, sset):
 @register_feature("morgan")
 def morgan_fingerprint(raw: str, radius: int = 2, n_bits: int = 2048, counts: bool = False) -> np.ndarray:
     """RDKit Morgan fingerprint of a SMILES as a float vector (bits, or log1p counts)."""
-    mol = _mol(raw)
-    gen = _morgan_generator(int(radius), int(n_bits))
-    fp = gen.GetCountFingerprintAsNumPy(mol) if counts else gen.GetFingerprintAsNumPy(mol)
-    v = np.asarray(fp, dtype=np.float32)
+    v = np.asarray(chem.fingerprint_array(raw, int(radius), int(n_bits), counts), dtype=np.float32)
     return np.log1p(v) if counts else v
-
-
-@lru_cache(maxsize=8)
-def _morgan_generator(radius: int, n_bits: int):
-    from rdkit.Chem import rdFingerprintGenerator
-
-    return rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=n_bits)
-
-
-def _mol(smiles: str):
-    from rdkit import Chem, RDLogger
-
-    RDLogger.DisableLog("rdApp.*")
-    mol = Chem.MolFromSmiles(smiles)
-    if mol is None:
-        raise ESMError(f"SMILES {smiles[:60]!r} cannot be parsed by RDKit.", fix="correct or drop this molecule.")
-    return mol
 
 
 _AA = "ACDEFGHIKLMNPQRSTVWY"
@@ -237,8 +218,6 @@ class SoftTokenEncoder:
 
     # ---------------------------------------------------------------- files
     def save(self, directory: str | Path) -> None:
-        from safetensors.torch import save_file
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         pr = self.projector
@@ -252,8 +231,6 @@ class SoftTokenEncoder:
     @classmethod
     def load(cls, directory: str | Path, *, device="cpu", dtype=torch.float32,
              expect_d_model: int | None = None) -> "SoftTokenEncoder":
-        from safetensors.torch import load_file
-
         d = Path(directory) if directory else None
         if d is None or not (d / ENCODER_CONFIG).is_file() or not (d / ENCODER_WEIGHTS).is_file():
             raise ESMError(f"Soft-token encoder directory {str(directory)!r} lacks {ENCODER_CONFIG} or "

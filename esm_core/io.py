@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
+import platform
 import shutil
 import socket
 import tempfile
@@ -38,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import ESMError
+from esm_core import __version__
+from esm_core.errors import ESMError
 
 MARKER = ".esm_output.json"  # written into every output directory: which files this tool wrote
 WRITING = ".esm_writing.json"  # inside a temporary folder while it is being written
@@ -337,3 +340,60 @@ def _fsync_dir(d: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+# ------------------------------------------------------------------------------------ files
+def file_hash(path: str | Path, full_limit: int = 256 * 2**20) -> str:
+    """sha256 of a file; for files over full_limit, of its size, first and last 4 MiB ('partial:')."""
+    p = Path(path)
+    size = p.stat().st_size
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        if size <= full_limit:
+            for chunk in iter(lambda: f.read(2**20), b""):
+                h.update(chunk)
+            return h.hexdigest()
+        h.update(str(size).encode())
+        h.update(f.read(4 * 2**20))
+        f.seek(size - 4 * 2**20)
+        h.update(f.read())
+    return "partial:" + h.hexdigest()
+
+
+def dir_hashes(directory: str | Path, patterns=("*.json", "*.safetensors", "*.model", "*.txt")) -> dict[str, str]:
+    d = Path(directory)
+    if not d.is_dir():
+        return {}
+    out = {}
+    for pat in patterns:
+        for f in sorted(d.glob(pat)):
+            out[f.name] = file_hash(f)
+    return out
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "safetensors", "pot", "numpy", "rdkit", "umap-learn", "streamlit"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+
+    out["esm_core"] = __version__
+    return out
+
+
+def zip_files(files: dict[str, bytes], folder: str = "") -> bytes:
+    """A zip (in memory) of relative path -> bytes, all under ``folder/`` when given."""
+    import io
+    import zipfile
+
+    prefix = folder.strip("/") + "/" if folder.strip("/") else ""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for rel in sorted(files):
+            if rel.startswith("/") or ".." in Path(rel).parts:
+                raise ValueError(f"not a relative path inside the archive: {rel!r}")
+            z.writestr(prefix + rel, files[rel])
+    return buf.getvalue()

@@ -19,21 +19,27 @@ from pathlib import Path
 
 import torch
 
-from .coefficients import (ElementSignals, LayerSignals, combine, element_coefficients, layer_coefficients,
-                           modality_weights, stack_scores, swd_matrix)
-from .config import MethodConfig, RunSpec, changed_fields, fields_of_stage
-from .encoders import build_encoder
-from .errors import ESMError
-from .probe import HiddenStates, ProbeBatcher, ProbeSet, ProgressFn, build_probes
-from .samples import read_table
-from .signals import compute_signals
-from .specialists import LoraKey, SpecialistSet
-
-# Which settings invalidate what, as config.py declares it per field (everything else is cheap to
-# recompute from cached signals).
-PROBE_FIELDS = fields_of_stage("probes")
-PASS_FIELDS = fields_of_stage("probes", "pass")
-SWD_FIELDS = fields_of_stage("swd")
+from esm_core.adapters import LoraKey
+from esm_core.coefficients import (
+    ElementSignals,
+    LayerSignals,
+    combine,
+    element_coefficients,
+    layer_coefficients,
+    modality_weights,
+    stack_scores,
+    swd_matrix,
+)
+from esm_core.config import MethodConfig, changed_fields, fields_of_stage, stage_of_change
+from esm_core.encoders import build_encoder
+from esm_core.errors import ESMError
+from esm_core.models import SpecialistSet, load_models
+from esm_core.probes import ProbeBatcher, ProbeSet, build_probes
+from esm_core.progress import ProgressFn
+from esm_core.runspec import RunSpec
+from esm_core.samples import read_table
+from esm_core.signals.collect import compute_signals
+from esm_core.states import HiddenStates
 
 
 @dataclass
@@ -75,18 +81,19 @@ class Workspace:
 
     @classmethod
     def from_spec(cls, spec: RunSpec, samples: dict[str, list] | None = None, sset: SpecialistSet | None = None,
-                  progress: ProgressFn | None = None) -> "Workspace":
+                  progress: ProgressFn | None = None, *, with_samples: bool = True) -> "Workspace":
+        """Load the run (models.load_models, or encoders on a given sset) and its probe samples (given,
+        else read from the spec's data files; with_samples=False: none, for answering only)."""
         spec.validate()
         if progress:
             progress("loading base and adapters", 0.0)
         if sset is None:
-            sset = SpecialistSet.load(spec.base, [(s.name, s.adapter) for s in spec.specialists],
-                                      modalities=[s.modality for s in spec.specialists],
-                                      device=spec.method.device, dtype=spec.method.dtype,
-                                      trust_remote_code=spec.trust_remote_code)
-        encoders = {m.name: build_encoder(m.encoder, sset) for m in spec.modalities}
+            sset, encoders = load_models(spec)
+        else:
+            encoders = {m.name: build_encoder(m.encoder, sset) for m in spec.modalities}
         ws = cls(spec, sset, encoders)
-        ws.set_samples(samples if samples is not None else read_probe_samples(spec))
+        if with_samples:
+            ws.set_samples(samples if samples is not None else read_probe_samples(spec))
         return ws
 
     def set_samples(self, samples: dict[str, list], cfg: MethodConfig | None = None) -> None:
@@ -114,7 +121,7 @@ class Workspace:
 
     def _needs_new_probes(self, cfg: MethodConfig) -> bool:
         old = self._batcher_cfg
-        return any(getattr(old, f) != getattr(cfg, f) for f in PROBE_FIELDS)
+        return bool(changed_fields(old, cfg) & fields_of_stage("probes", config=type(cfg)))
 
 
 def read_probe_samples(spec: RunSpec) -> dict[str, list]:
@@ -172,18 +179,31 @@ def _from_signals(names, own, modalities, states, scores, cfg, shapes, timings=N
                     timings=timings, scores=scores)
 
 
+def required_stage(res: ESResult, cfg: MethodConfig) -> str:
+    """What serving cfg from res takes: 'none' (res is cfg's), 'derive' (from the stored signals),
+    'swd' (the SWD again from the stored hidden states) or 'pass' (a new pass over the probes). The
+    stage of each setting is declared once, on the config's fields (config.STAGES)."""
+    stage = stage_of_change(res.config, cfg)
+    if stage in ("probes", "pass") or (cfg.mode != "layer" and res.scores is None):
+        return "pass"
+    if stage == "swd" and res.states is None:
+        return "pass"
+    return stage
+
+
 def recompute(res: ESResult, cfg: MethodConfig, ws: Workspace | None = None, *,
               progress: ProgressFn | None = None) -> ESResult:
     """New coefficients for a changed config, reusing whatever the change does not touch."""
-    ch = changed_fields(res.config, cfg)
-    keep_swd = not (ch & SWD_FIELDS)
-    needs_pass = (bool(ch & PASS_FIELDS) or (cfg.mode != "layer" and res.scores is None)
-                  or (not keep_swd and res.states is None))
-    if needs_pass:
+    stage = required_stage(res, cfg)
+    if stage == "none":
+        return res
+    if stage == "pass":
         if ws is None:
-            raise ESMError(f"Changing {sorted(ch & (PASS_FIELDS | SWD_FIELDS)) or ['mode']} needs a new pass over "
-                           "the probes.", fix="re-run the estimation with the models loaded.")
+            ch = sorted(changed_fields(res.config, cfg)) or ["mode"]
+            raise ESMError(f"Changing {ch} needs a new pass over the probes.",
+                           fix="re-run the estimation with the models loaded.")
         return estimate(ws, cfg, progress=progress)
+    keep_swd = stage == "derive"
     shapes = {k: tuple(v.shape[1:]) for k, v in res.lam.items()}
     out = _from_signals(res.specialists, res.own_modalities, res.modalities, res.states, res.scores, cfg, shapes,
                         timings=res.timings, D=res.layer.D if keep_swd else None,
@@ -247,16 +267,14 @@ def signal_tensors(res: ESResult, *, include_states: bool = False) -> dict[str, 
 
 def signal_metadata(res: ESResult) -> dict[str, str]:
     meta = result_metadata(res)
-    meta["format"] = "esm_core.signals/1"
+    meta["format"] = "esm_core.signals.collect/1"
     meta["shapes"] = json.dumps({str(k): list(v.shape[1:]) for k, v in res.lam.items()})
     return meta
 
 
 def result_from_signals(t: dict[str, torch.Tensor], meta: dict[str, str]) -> ESResult:
     """The full result (every coefficient re-derived) from :func:`signal_tensors` and its metadata."""
-    cfgd = dict(json.loads(meta["config"]))
-    cfgd.pop("overridden", None)
-    cfg = MethodConfig.from_preset(cfgd.pop("preset"), **cfgd)
+    cfg = MethodConfig.from_dict(json.loads(meta["config"]))
     names, mods = json.loads(meta["specialists"]), json.loads(meta["modalities"])
     g = {LoraKey.parse(k[2:]): v for k, v in t.items() if k.startswith("g/")}
     scores = {n: {k: v[i] for k, v in g.items()} for i, n in enumerate(names)} if g else None
@@ -303,10 +321,7 @@ def load_result(path: str | Path) -> ESResult:
 
 
 def _result_from(t: dict, meta: dict) -> ESResult:
-    cfgd = json.loads(meta["config"])
-    preset = cfgd.pop("preset")
-    cfgd.pop("overridden", None)
-    cfg = MethodConfig.from_preset(preset, **cfgd)
+    cfg = MethodConfig.from_dict(json.loads(meta["config"]))
     layer = LayerSignals(t["layer.D"], t["layer.delta"], t["layer.z"], t["layer.s"], t["layer.alpha"],
                          t["layer.weights"])
 

@@ -1,7 +1,7 @@
 """Raw samples per modality: read them from CSV/TSV files, validate them, report bad rows.
 
-Validators (METHOD.md section 1, issue: "validate raw inputs per modality"):
-- ``smiles``: RDKit must parse the SMILES;
+Validators (docs/METHOD.md section 1, issue: "validate raw inputs per modality"):
+- ``smiles``: RDKit must parse the SMILES (:func:`esm_core.chem.check_smiles`);
 - ``protein``: letters of the amino-acid alphabet only (20 standard + X, B, Z, U, O);
 - ``genes``: a non-empty list of gene symbols (space, comma or semicolon separated), ranked;
 - ``text``: any non-empty string.
@@ -17,24 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import ESMError
+from esm_core.chem import check_smiles
+from esm_core.errors import ESMError
 
 AA_LETTERS = set("ACDEFGHIKLMNPQRSTVWYXBZUO")
 _GENE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/@]*$")
-
-
-def _smiles(raw: str) -> tuple[str | None, str | None]:
-    from rdkit import Chem, RDLogger
-
-    s = raw.strip()
-    if not s:
-        return None, "empty SMILES"
-    if " " in s:
-        return None, "SMILES contains a space"
-    RDLogger.DisableLog("rdApp.*")
-    if Chem.MolFromSmiles(s) is None:
-        return None, "RDKit cannot parse this SMILES"
-    return s, None
 
 
 def _protein(raw: str) -> tuple[str | None, str | None]:
@@ -63,7 +50,7 @@ def _text(raw: str) -> tuple[str | None, str | None]:
 
 
 VALIDATORS: dict[str, Callable[[str], tuple[str | None, str | None]]] = {
-    "smiles": _smiles, "protein": _protein, "genes": _genes, "text": _text,
+    "smiles": check_smiles, "protein": _protein, "genes": _genes, "text": _text,
 }
 
 
@@ -151,7 +138,7 @@ def read_table(path: str | Path, *, required: list[str] | None = None, max_bytes
 
 
 def _read_csv(p: Path, required: list[str] | None, **opts):
-    import pandas as pd
+    import pandas as pd  # lazy: pandas is slow to import and only file reading needs it
 
     try:
         return pd.read_csv(p, **opts)
@@ -167,8 +154,3 @@ def check_columns(df, required: list[str], where: str) -> None:
     if missing:
         raise ESMError(f"{where} lacks column(s) {missing}; it has {list(df.columns)[:12]}.",
                        fix=f"provide a file with columns {required} (or name the right column).")
-
-
-def read_samples(path: str | Path, column: str, kind: str) -> SampleReport:
-    df = read_table(path, required=[column])
-    return validate(df[column].tolist(), kind)

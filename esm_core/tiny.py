@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from esm_core.models import prepare_transformers
+
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
@@ -59,9 +61,8 @@ def make_lora_adapter(base_dir: str | Path, out_dir: str | Path, *, seed: int, r
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from .specialists import _quiet_transformers
 
-    _quiet_transformers()
+    prepare_transformers()
     base = LlamaForCausalLM.from_pretrained(str(base_dir))
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
                      use_rslora=use_rslora, layers_to_transform=layers_to_transform, lora_dropout=0.0)

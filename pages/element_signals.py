@@ -18,7 +18,7 @@ from ui.widgets import csv_bytes, guard, method_controls, need_result, preset_ba
 
 st.title("Element signals")
 st.caption("Per parameter element: the absolute gradients of the hidden-state distance (raw score g), "
-           "their z-score, β = softmax across specialists, and the merge coefficient λ (METHOD.md §3-4).")
+           "their z-score, β = softmax across specialists, and the merge coefficient λ (docs/METHOD.md sections 3-4).")
 
 with guard():
     method_controls("elem", ("preset", "tau_elem", "zscore_scope", "mode"))

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from esm_core.embed2d import gather_points, project_2d
-from ui import figures, state
+from esm_core.analysis.embed2d import gather_points
+from ui import caches, figures, merges, state
 from ui.widgets import guard, need_result, preset_badge, show_figure
 
 st.title("Embeddings")
@@ -16,17 +16,12 @@ st.caption("Where each model puts the probe samples in its hidden space. All cho
            "together, so a specialist drifting away from the base on its own modality shows as a separate cloud.")
 
 
-@st.cache_resource(show_spinner=False, max_entries=32)
-def _project(key: str, method: str, seed: int, _X):
-    return project_2d(_X, method, seed=seed)
-
-
 def project(key: str, method: str, seed: int, X):
     n = len(X)
     about = ("instant" if method == "pca" else
              f"UMAP of {n} points: about {max(2, n // 400)} s, plus ~15 s the first time on a server (numba compiles)")
     with st.spinner(f"Projecting {n} points to 2-D ({about}) ..."):
-        return _project(key, method, seed, X)
+        return caches.projected_2d(key, method, seed, X)
 
 
 def _label(raw: str, n: int = 70) -> str:
@@ -39,7 +34,7 @@ with guard():
         preset_badge(res)
         cfg = res.config
         L = res.num_layers
-        merged = list(state.merges())
+        merged = list(merges.merges())
         c1, c2, c3, c4 = st.columns([1, 1, 1, 1])
         modality = c1.selectbox("modality", res.modalities, key="emb_mod")
         level = c2.radio("points", ["sample means", "tokens"], horizontal=True, key="emb_level",
@@ -57,7 +52,7 @@ with guard():
         states = [state.states_of(res)]
         for m in models:
             if m in merged:
-                states.append(state.merged_states(m, cfg))
+                states.append(merges.merged_states(m, cfg))
         pts = gather_points(states, layer, modality, models, level="sample" if level == "sample means" else "token",
                             max_points_per_model=2000, seed=cfg.seed)
         key = f"{state.run_key(cfg)}:{modality}:{layer}:{level}:{','.join(models)}:{len(pts.model)}"

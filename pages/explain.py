@@ -1,12 +1,12 @@
 """Explain: follow one merge coefficient from the raw numbers to the final lambda, every step with
-its formula and the live values (for teaching). Values come from esm_core.explain.trace."""
+its formula and the live values (for teaching). Values come from esm_core.analysis.explain.trace."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
-from esm_core.explain import trace
+from esm_core.analysis.explain import trace
 from ui.widgets import guard, method_controls, need_result, preset_badge
 
 st.title("Explain one coefficient")
@@ -41,7 +41,7 @@ with guard():
         st.header(f"λ = {num(t['lambda'])}", divider="gray")
         st.caption(f"{name} · `{key}` [{row}, {col}] · block {t['block']} · preset {cfg.preset} · mode {cfg.mode}")
 
-        st.subheader("1. Layer-wise coefficient α (coarse signal, METHOD.md §2)")
+        st.subheader("1. Layer-wise coefficient α (coarse signal, docs/METHOD.md section 2)")
         st.markdown("Mean-pool each modality's tokens, measure the sliced Wasserstein distance between the "
                     "base's and the specialist's points at every block:")
         st.latex(r"D^k_{m,l} = \mathrm{SWD}_p\big(\{h^B_{m,l}(i)\}_i,\ \{h^k_{m,l}(i)\}_i\big)")
@@ -64,7 +64,7 @@ with guard():
                                    "α": [num(v) for v in lay["alpha_all"]]}), hide_index=True)
         st.success(f"α = {num(lay['alpha'])}  (stored by the estimation: {num(lay['stored_alpha'])})")
 
-        st.subheader("2. Element-wise coefficient β (fine signal, METHOD.md §3)")
+        st.subheader("2. Element-wise coefficient β (fine signal, docs/METHOD.md section 3)")
         if "element" not in t:
             st.info("This result has no element signals (layer mode).")
         else:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import streamlit as st
 
 from ui import figures, state
+from ui.session import current
 from ui.widgets import guard, method_controls, need_result, preset_badge, show_figure
 
 st.title("Layer signals")
 st.caption("How far each specialist's mean-pooled hidden states move from the base, block by block "
-           "(METHOD.md §2). Changing these settings re-derives everything from the cached hidden states.")
+           "(docs/METHOD.md section 2). Changing these settings re-derives everything from the cached hidden states.")
 
 with guard():
     method_controls("layer", ("preset", "tau_layer", "first_delta", "other_modality_weight"))
@@ -53,8 +54,8 @@ with guard():
             sweep = state.projection_sweep(res, tuple(sorted(counts)), n_sets,
                                            progress=lambda msg, f: bar.progress(min(f, 1.0), text=msg))
             bar.empty()
-            st.session_state["ls_sweep"] = (state.run_key(), tuple(counts), n_sets, sweep)
-        sw = st.session_state.get("ls_sweep")
+            current().sweep = (state.run_key(), tuple(counts), n_sets, sweep)
+        sw = current().sweep
         if sw is not None and sw[0] == state.run_key():
             fig, df = figures.projection_sweep(sw[3], sp)
             show_figure(fig, df, "projection sweep", key="ls_sweep_fig")

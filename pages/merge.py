@@ -1,56 +1,33 @@
-"""Merge: pick a merge method from the engine's registry (ES-Merging and the baselines of issue 5),
+"""Merge: pick a merge method from the engine's registry (ES-Merging and the baselines),
 set its parameters, run it, compare two merges' coefficient maps, download the merged adapter.
 
-Every method is Eq. 1 on the LoRA A and B factors (METHOD.md section 0); the page only calls
-``ui.state.run_merge`` (which loads the merged adapter next to the specialists, so the Query and
-Embeddings pages can use it) and the plain functions of ``esm_core.merge`` (comparison, files, zip).
-Learned methods (AdaMerging, fine-tuning) draw their prompts from a benchmark task's TRAINING rows
-(``esm_core.evaluate.training_prompts``) or from the demo zoo's skills on the demo data's train split.
+Every method is Eq. 1 on the LoRA A and B factors (docs/METHOD.md section 0); the page only calls
+``ui.merges.run_merge`` (which loads the merged adapter next to the specialists, so the Query and
+Embeddings pages can use it), ``ui.merge_data`` (training prompts, the merge list, the files) and the
+plain functions of ``esm_core`` (comparison, zip). Learned methods (AdaMerging, fine-tuning) draw their
+prompts from a benchmark task's TRAINING rows or from the demo zoo's skills on the demo data's train split.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import time
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
+from esm_core.analysis.compare import compare_coefficients
 from esm_core.errors import ESMError
-from esm_core.merge import compare_coefficients, get_method, list_methods, merged_files, zip_files
-from ui import figures, state
+from esm_core.io import zip_files
+from esm_core.merging.registry import get_method, list_methods
+from esm_core.paths import DEMO_DIR
+from esm_core.zoo.skills import SKILLS
+from ui import figures, merge_data, merges, shared, state
 from ui.widgets import csv_bytes, guard, param_controls, preset_badge, run_button, show_figure, timed_progress
 
 NEEDS = {"es": "uses the ES estimation of the current selection", "model": "runs the model",
          "data": "learns from task prompts"}
-
-
-# ------------------------------------------------------------------------------------ data sources
-def available_tasks():
-    """(data directory or None, registered tasks whose files are all there)."""
-    from esm_core.tasks import default_data_dir, list_tasks
-
-    d = default_data_dir()
-    if d is None:
-        return None, []
-    return d, [t for t in list_tasks() if all((d / f).is_file() for f in t.files)]
-
-
-def demo_available() -> bool:
-    from esm_core import zoo
-    from esm_core.zoo.data import DEMO_FILES
-
-    return all((Path(zoo.DEMO_DIR) / f).is_file() for f in DEMO_FILES)
-
-
-@st.cache_resource(show_spinner="Loading the task ...", max_entries=8)
-def _task(name: str, data_dir: str):
-    from esm_core.tasks import load_task
-
-    return load_task(name, data_dir)
 
 
 def data_controls() -> dict:
@@ -64,7 +41,7 @@ def data_controls() -> dict:
                            "split (the held-out split scores the skills, so it is never trained on).")
     c1, c2, c3 = st.columns([3, 1, 1])
     if source == "task":
-        d, tasks = available_tasks()
+        d, tasks = merge_data.available_tasks()
         if not tasks:
             st.error("**No task data is available** "
                      + (f"in {str(d)!r}." if d else "(no data directory found).")
@@ -78,20 +55,15 @@ def data_controls() -> dict:
         n = int(c2.number_input("rows per task", 2, 5000, 32, key="mg_task_n",
                                 help="Training rows drawn (seeded) from each task; each becomes a few-shot prompt."))
         k = int(c3.number_input("examples (k)", 0, 10, 5, key="mg_task_k",
-                                help="In-context examples per prompt, selected as METHOD.md section 7 describes."))
+                                help="In-context examples per prompt, selected as docs/METHOD.md section 7 describes."))
         st.caption(f"data directory `{d}` · {len(tasks)} task(s) available")
         return {"source": "task", "ok": True, "names": names, "n": n, "k": k, "dir": str(d)}
-    if not demo_available():
-        from esm_core import zoo
-
-        st.error(f"**The demo data is missing** (`{zoo.DEMO_DIR}`).  \nFix: rebuild it with "
+    if not merge_data.demo_available():
+        st.error(f"**The demo data is missing** (`{DEMO_DIR}`).  \nFix: rebuild it with "
                  "`python -m esm_core zoo demo-data --out assets/demo`, or draw prompts from a task.")
         return {"source": "skills", "ok": False}
-    from esm_core.zoo.skills import SKILLS
-
     by = {s.name: s for s in SKILLS}
-    default = [next(s.name for s in SKILLS if s.modality == m) for m in dict.fromkeys(s.modality for s in SKILLS)]
-    names = c1.multiselect("skills", list(by), default=default, key="mg_skills",
+    names = c1.multiselect("skills", list(by), default=merge_data.default_skills(), key="mg_skills",
                            format_func=lambda n: f"{n} · {by[n].question[:60]}",
                            help="Binary questions about a molecule, protein or cell of a mixed-modality prompt.")
     n = int(c2.number_input("questions per skill", 2, 2000, 32, key="mg_skill_n",
@@ -99,97 +71,6 @@ def data_controls() -> dict:
     k = int(c3.number_input("examples (k)", 0, 10, 2, key="mg_skill_k",
                             help="In-context examples per question (the zoo's skill sets use 2)."))
     return {"source": "skills", "ok": True, "names": names, "n": n, "k": k}
-
-
-def build_data(choice: dict, seed: int) -> tuple[list, str]:
-    """The prompts of a data choice and a one-line description; ESMError for a mistake."""
-    from esm_core.evaluate import BatchedAnswerer, training_prompts
-
-    if not choice.get("ok"):
-        raise ESMError("This method needs training prompts, but the chosen source has no data.",
-                       fix="choose an available source above.")
-    if not choice["names"]:
-        raise ESMError(f"No {'task' if choice['source'] == 'task' else 'skill'} is chosen for the training prompts.",
-                       fix="pick at least one above.")
-    ws = state.workspace()
-    answerer = BatchedAnswerer(ws.sset, ws.encoders)
-    if choice["source"] == "task":
-        prompts = []
-        for name in choice["names"]:
-            prompts += training_prompts(_task(name, choice["dir"]), choice["n"], seed=seed, k=choice["k"],
-                                        answerer=answerer)
-        what = f"{', '.join(choice['names'])}: training rows, k={choice['k']}"
-    else:
-        from esm_core.merge import skill_training_prompts
-
-        prompts = skill_training_prompts(choice["names"], choice["n"], k=choice["k"], seed=seed)
-        what = f"skills {', '.join(choice['names'])} (train split), k={choice['k']}"
-    kept = [p for p in prompts if answerer.prompt_length(p) <= answerer.max_length]
-    if not kept:
-        raise ESMError(f"None of the {len(prompts)} training prompts fits the model's context of "
-                       f"{answerer.max_length} tokens.", fix="lower k (fewer in-context examples).")
-    dropped = len(prompts) - len(kept)
-    return kept, f"{len(kept)} prompts from {what}" + (f" ({dropped} too long, left out)" if dropped else "")
-
-
-# ------------------------------------------------------------------------------------ helpers
-def fmt_params(params: dict) -> str:
-    return ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in params.items()) or "—"
-
-
-def fmt_info(info: dict) -> str:
-    parts = []
-    for k, v in info.items():
-        if k in ("method", "params") or isinstance(v, bool):
-            continue
-        if isinstance(v, float):
-            parts.append(f"{k}={v:.4g}")
-        elif isinstance(v, (int, str)) and v != "":
-            parts.append(f"{k}={v}")
-    return ", ".join(parts)
-
-
-def es_result_of(entry: dict):
-    """The ES result a merge was made from, if the session still has it (same pass, same settings)."""
-    from esm_core.config import MethodConfig
-
-    d = entry.get("es_config")
-    if not d:
-        return None
-    try:
-        cfg = MethodConfig.from_preset(d["preset"], **{k: v for k, v in d.items() if k not in ("preset", "overridden")})
-    except ESMError:
-        return None
-    if state.run_key(cfg) != entry.get("key"):
-        return None
-    res = state.result(cfg)
-    if res is None or entry["output"].info.get("mode", res.config.mode) != res.config.mode:
-        return None  # the merge used another ES mode than the estimation: its own lambda is written instead
-    return res
-
-
-def files_getter(name: str, entry: dict):
-    """A callable for deferred downloads: writes the merged adapter once and keeps its files."""
-    res = es_result_of(entry)
-    extra = {"merge_name": name}
-    if entry.get("es_config") and res is None:
-        extra["es_config_at_merge"] = entry["es_config"]
-        extra["note"] = ("the ES signals of this merge are not in coefficients.safetensors (the estimation "
-                         "changed since, or the merge used another ES mode); it holds the merge's lambda")
-    if entry.get("data"):
-        extra["training_data"] = entry["data"]
-    memo = st.session_state.setdefault("merge_files", {}).setdefault(
-        f"{name}:{id(entry['output'])}:{res is not None}", {})
-    sset, sp = state.workspace().sset, state.spec()
-
-    def get() -> dict[str, bytes]:
-        if "files" not in memo:
-            memo["files"] = merged_files(entry["output"], sset, spec=sp, es_result=res, folded=entry["folded"],
-                                         scalings=entry["scalings"], manifest_extra=extra)
-        return memo["files"]
-
-    return get, res is not None or entry["output"].coefficients is not None or bool(entry["output"].extra_tensors)
 
 
 # ------------------------------------------------------------------------------------ page
@@ -227,11 +108,11 @@ with guard():
                 st.rerun()
 
     choice = data_controls() if "data" in m.needs else None
+    work = merge_data.learned_work(choice, params)
     batches = None
-    if choice is not None and choice.get("ok") and {"steps", "batch_size"} <= set(params):
-        n = int(choice["n"]) * len(choice["names"])
-        batches = int(params["steps"]) + 2 * -(-n // max(1, int(params["batch_size"])))
-        speed = state.learned_speed(m.name)
+    if work is not None:
+        n, batches = work
+        speed = shared.learned_speed(m.name)
         st.caption(f"Work: {params['steps']} optimisation steps of {params['batch_size']} prompts and two "
                    f"evaluations of about {n} prompts = {batches} batches"
                    + (f"; at the {speed:.2f} s per batch measured on this server, about {batches * speed:.0f} s."
@@ -240,41 +121,32 @@ with guard():
     if st.button(f"Merge with {m.pretty}", type="primary", key="mg_run"):
         seed = state.method_seed()
         state.workspace()  # loaded (cached) before the clock starts
-        data, data_note = build_data(choice, seed) if choice is not None else (None, "")
+        data, data_note = merge_data.build_data(choice, seed) if choice is not None else (None, "")
         status = st.status(f"Merging with {m.pretty} ...", expanded=True)
         progress = timed_progress(status)
         t0 = time.perf_counter()
-        new = state.run_merge(m.name, params, data=data, progress=progress)
+        new = merges.run_merge(m.name, params, data=data, progress=progress)
         secs = time.perf_counter() - t0
-        state.merges()[new].update(seconds=secs, data=data_note)
+        merges.merges()[new].update(seconds=secs, data=data_note)
         if batches:
-            state.record_learned_speed(m.name, secs / batches)
+            shared.record_learned_speed(m.name, secs / batches)
         st.session_state["mg_dl"] = new  # the download section offers the newest merge
         status.update(label=f"{new}: done in {secs:.1f} s", state="complete", expanded=False)
         st.success(f"**{new}** is loaded next to the specialists." + (f" Trained on {data_note}." if data_note else ""))
 
     # ------------------------------------------------------------------ session list
     st.subheader("2 · Merges of this session")
-    merges = state.merges()
-    if not merges:
+    made = merges.merges()
+    if not made:
         st.info("No merges yet: choose a method above and press Merge.")
     else:
-        rows = []
-        for n, e in merges.items():
-            out = e["output"]
-            c = out.coefficients
-            rows.append(dict(name=n, method=e["pretty"], parameters=fmt_params(e["params"]),
-                             coefficients="per element" if c is not None else "none",
-                             details=fmt_info(out.info), data=e.get("data") or "—",
-                             scaling="folded into B" if e["folded"] else "shared",
-                             seconds=round(float(e.get("seconds", float("nan"))), 2)))
-        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="mg_list")
+        st.dataframe(pd.DataFrame(merge_data.merge_rows(made)), hide_index=True, width="stretch", key="mg_list")
 
 with guard():
     # ------------------------------------------------------------------ comparison
     st.subheader("3 · Compare two merges' coefficient maps")
-    merges = state.merges()
-    withc = [n for n, e in merges.items() if e["output"].coefficients is not None]
+    made = merges.merges()
+    withc = [n for n, e in made.items() if e["output"].coefficients is not None]
     if len(withc) < 2:
         st.info(f"Needs two merges with per-element coefficients λ [K, ...] (ES-Merging and most baselines; "
                 f"Average and fine-tuning have none); this session has {len(withc)}.")
@@ -285,7 +157,7 @@ with guard():
         b = c2.selectbox("second merge", withc, index=1, key="mg_cmp_b")
         if a == b:
             raise ESMError("The same merge is chosen twice.", fix="choose two different merges to compare.")
-        ca, cb = merges[a]["output"].coefficients, merges[b]["output"].coefficients
+        ca, cb = made[a]["output"].coefficients, made[b]["output"].coefficients
         keys = sorted(ca)
         if sorted(cb) != keys:
             raise ESMError(f"{a} and {b} cover different LoRA factors.", fix="compare merges of the same specialists.")
@@ -297,7 +169,7 @@ with guard():
         key = next(k for k in keys if k.layer == layer and k.module == module and k.ab == ab)
         la, lb = ca[key].detach().float().numpy(), cb[key].detach().float().numpy()
         R, C = la.shape[1:]
-        st.caption(f"`{key}` · shape {R} × {C} · {merges[a]['pretty']} vs {merges[b]['pretty']}. Baselines' λ "
+        st.caption(f"`{key}` · shape {R} × {C} · {made[a]['pretty']} vs {made[b]['pretty']}. Baselines' λ "
                    "need not sum to 1 over specialists (e.g. Task Arithmetic's scaling, TIES' trimming).")
 
         rows, overall = compare_coefficients(ca[key], cb[key], names)
@@ -331,14 +203,14 @@ with guard():
 with guard():
     # ------------------------------------------------------------------ downloads
     st.subheader("4 · Download")
-    merges = state.merges()
-    if not merges:
+    made = merges.merges()
+    if not made:
         st.info("Nothing to download yet.")
     else:
-        if st.session_state.get("mg_dl") not in merges:
-            st.session_state["mg_dl"] = list(merges)[-1]
-        pick = st.selectbox("merge", list(merges), key="mg_dl")
-        get, has_coef = files_getter(pick, merges[pick])
+        if st.session_state.get("mg_dl") not in made:
+            st.session_state["mg_dl"] = list(made)[-1]
+        pick = st.selectbox("merge", list(made), key="mg_dl")
+        get, has_coef = merge_data.files_getter(pick, made[pick])
         st.caption("The zip holds a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) with "
                    "coefficients.safetensors, the encoders and manifest.json; unzipped, "
                    f"`PeftModel.from_pretrained(base, '{pick}')` loads it. Files are written when you click.")
@@ -350,6 +222,6 @@ with guard():
                                file_name=f"{pick}_coefficients.safetensors", mime="application/octet-stream",
                                key="mg_dl_coef", on_click="ignore")
         else:
-            d2.caption(f"{merges[pick]['pretty']} has no coefficients to download.")
+            d2.caption(f"{made[pick]['pretty']} has no coefficients to download.")
         d3.download_button("Manifest (JSON)", lambda: get()["manifest.json"], file_name=f"{pick}_manifest.json",
                            mime="application/json", key="mg_dl_manifest", on_click="ignore")

@@ -9,6 +9,7 @@ import streamlit as st
 
 from esm_core.coefficients import mean_lambda_per_layer
 from ui import figures, state
+from ui.roots import ROOT
 from ui.widgets import guard, preset_badge, run_button, show_figure
 
 st.title("ES-Merging workbench")
@@ -18,7 +19,7 @@ st.markdown(
     "how far each specialist's hidden states move from the base gives **layer coefficients α** (sliced "
     "Wasserstein distance per layer) and **element coefficients β** (absolute gradients of a hidden-state "
     "distance); the adapters are merged element by element with **λ ∝ α·β**.")
-st.image(str(Path(state.ROOT) / "assets" / "method.svg"), width="stretch")
+st.image(str(Path(ROOT) / "assets" / "method.svg"), width="stretch")
 
 with guard():
     sp = state.spec()

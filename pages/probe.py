@@ -1,4 +1,4 @@
-"""Probe: which samples feed the probes, how they look, and the tokenised probe (METHOD.md section 1).
+"""Probe: which samples feed the probes, how they look, and the tokenised probe (docs/METHOD.md section 1).
 
 Settings: samples per modality, seed, layout (joint / separate) and the per-block token cap
 (MethodConfig). Samples per modality come from the run's data file, from rows the user picks, or
@@ -15,17 +15,27 @@ from functools import partial
 import pandas as pd
 import streamlit as st
 
+from esm_core.analysis.preview import (
+    KIND_WORDS,
+    column_samples,
+    gene_frequency,
+    gene_table,
+    guess_column,
+    molecule_grid_svg,
+    protein_stats,
+    read_upload,
+    span_counts,
+    token_spans,
+)
 from esm_core.config import MethodConfig
 from esm_core.errors import ESMError
-from esm_core.preview import (KIND_WORDS, column_samples, gene_frequency, gene_table, guess_column,
-                              molecule_grid_svg, protein_stats, read_upload, span_counts, token_spans)
-from esm_core.probe import build_probes, sample_modality
-from ui import figures, state
+from esm_core.probes import build_probes, sample_modality
+from ui import figures, sample_pools, state
 from ui.widgets import csv_bytes, guard, show_figure
 
 st.title("Probe")
 st.caption("A probe is a short prefix naming each modality followed by its token block, for every modality "
-           "(METHOD.md §1). The base and every specialist see the same probes; only the adapters differ.")
+           "(docs/METHOD.md section 1). The base and every specialist see the same probes; only the adapters differ.")
 
 
 def _clamp(key: str, hi: int) -> None:
@@ -98,13 +108,13 @@ def preview(kind: str, name: str, values: list[str]) -> None:
 
 def sources(m, cfg: MethodConfig, current: str) -> None:
     """Controls that change where this modality's samples come from."""
-    where, pool = state.sample_pool(m.name)
+    where, pool = sample_pools.sample_pool(m.name)
     st.caption(f"In use: **{current}**")
     if st.button("Back to the run's data file", key=f"pr_reset_{m.name}"):
-        state.reset_modality_samples(m.name)
+        sample_pools.reset_modality_samples(m.name)
         st.rerun()
     with st.expander(f"Pick rows ({len(pool)} in {where})"):
-        picked = state.picked_rows(m.name)
+        picked = sample_pools.picked_rows(m.name)
         use = [True] * len(pool) if picked is None else [i in set(picked) for i in range(len(pool))]
         table = pd.DataFrame({"use": use, "row": range(len(pool)), "sample": [str(x) for x in pool]})
         edited = st.data_editor(table, hide_index=True, width="stretch", disabled=["row", "sample"],
@@ -113,18 +123,18 @@ def sources(m, cfg: MethodConfig, current: str) -> None:
             idx = [int(r) for r, u in zip(edited["row"], edited["use"]) if u]
             chosen = [pool[i] for i in idx]
             sample_modality(chosen, m.kind, cfg.probes_per_modality, cfg.seed, cfg.min_probes, m.name)
-            state.set_modality_samples(m.name, chosen, f"{len(idx)} rows picked from {where}", picked=idx)
+            sample_pools.set_modality_samples(m.name, chosen, f"{len(idx)} rows picked from {where}", picked=idx)
             st.rerun()
     with st.expander("Upload a CSV"):
         up = st.file_uploader(f"table with a column of {KIND_WORDS.get(m.kind, m.kind)}",
                               type=["csv", "tsv", "txt", "gz"], key=f"pr_up_{m.name}",
-                              help=f"At most {state.UPLOAD_LIMIT // 2**20} MiB; read as plain text with pandas, "
+                              help=f"At most {sample_pools.UPLOAD_LIMIT // 2**20} MiB; read as plain text with pandas, "
                                    "nothing in it is executed.")
         if up is not None:
-            if up.size > state.UPLOAD_LIMIT:
+            if up.size > sample_pools.UPLOAD_LIMIT:
                 raise ESMError(f"Upload {up.name!r} is {up.size / 2**20:.1f} MiB, over the "
-                               f"{state.UPLOAD_LIMIT / 2**20:.0f} MiB limit.", fix="upload a smaller table.")
-            df = read_upload(up.getvalue(), up.name, max_bytes=state.UPLOAD_LIMIT)
+                               f"{sample_pools.UPLOAD_LIMIT / 2**20:.0f} MiB limit.", fix="upload a smaller table.")
+            df = read_upload(up.getvalue(), up.name, max_bytes=sample_pools.UPLOAD_LIMIT)
             cols = list(df.columns)
             guess = guess_column(df, m.kind, m.data.column if m.data else None)
             col = st.selectbox("column", cols, index=cols.index(guess), key=f"pr_upcol_{m.name}")
@@ -133,7 +143,7 @@ def sources(m, cfg: MethodConfig, current: str) -> None:
                 raws = column_samples(df, col, m.kind, where=f"upload {up.name!r}", min_valid=cfg.min_probes,
                                       modality=m.name)
                 label = f"upload {up.name} · column {col}"
-                state.set_modality_samples(m.name, raws, label, pool=(label, raws))
+                sample_pools.set_modality_samples(m.name, raws, label, pool=(label, raws))
                 st.rerun()
 
 
@@ -156,7 +166,7 @@ with guard():
     cfg = state.method()
     raw = state.samples()
     mods = [m.name for m in sp.modalities]
-    src = state.sample_sources()
+    src = sample_pools.sample_sources()
 
     probes = batcher = None
     problems = []
@@ -173,7 +183,7 @@ with guard():
     for e in problems:
         st.error(f"**{e.reason}**" + (f"  \nFix: {e.fix}" if e.fix else ""))
     # without a probe set (a refusal) every row is checked, to show all that is wrong
-    reports = probes.reports if probes is not None else state.sample_reports()
+    reports = probes.reports if probes is not None else sample_pools.sample_reports()
 
     st.subheader("Samples per modality")
     counts = pd.DataFrame([dict(modality=m.name, kind=m.kind, source=src.get(m.name, ""),

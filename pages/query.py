@@ -1,6 +1,6 @@
 """Query: ask the base, each specialist and the merged models the same few-shot question, side by side.
 
-Three sources of questions: the demo zoo's held-out skill questions, the benchmark tasks of METHOD.md
+Three sources of questions: the demo zoo's held-out skill questions, the benchmark tasks of docs/METHOD.md
 section 7 (examples chosen by the paper's similarity rules, shown with their scores), or a prompt you
 write. Answers come by label likelihood (probabilities of each label) and by generation parsed after
 "Final answer:" (esm_core.evaluate)."""
@@ -8,45 +8,27 @@ write. Answers come by label likelihood (probabilities of each label) and by gen
 from __future__ import annotations
 
 from functools import partial
-
 from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from esm_core.answering.prompts import Example, Item, few_shot_prompt
+from esm_core.benchmark.harness import answer_side_by_side, build_query
+from esm_core.benchmark.tasks import task_table
 from esm_core.errors import ESMError
-from esm_core.prompts import Example, Item, few_shot_prompt
+from esm_core.paths import default_data_dir
 from esm_core.samples import validate
-from ui import state
+from ui import caches, merges, roots, state
 from ui.figures import color_map
+from ui.session import current
 from ui.widgets import csv_bytes, guard, show_figure
 
 st.title("Query the models")
 st.caption("The same prompt goes to the base, each specialist and every merged model of this session "
            "(all on one base copy). Label probabilities come from the likelihood of each answer; the "
            "generated text is parsed after “Final answer:” — an answer without a parsable label counts as unparsed.")
-
-
-@st.cache_resource(show_spinner=False, max_entries=2)
-def _answerer(key: str, _ws):
-    from esm_core.evaluate import BatchedAnswerer
-
-    return BatchedAnswerer(_ws.sset, _ws.encoders, batch_size=8)
-
-
-@st.cache_resource(show_spinner="Loading the task ...", max_entries=4)
-def _task(name: str, data_dir: str):
-    from esm_core.tasks import load_task
-
-    return load_task(name, data_dir or None)
-
-
-@st.cache_resource(show_spinner="Building the skill questions ...", max_entries=2)
-def _skills():
-    from esm_core.zoo import load_skill_sets
-
-    return load_skill_sets()
 
 
 def _show_prompt(p) -> None:
@@ -56,14 +38,14 @@ def _show_prompt(p) -> None:
 
 with guard():
     ws = state.workspace()
-    answerer = _answerer(state.spec_key(state.spec()), ws)
+    answerer = caches.answerer(state.spec_key(state.spec()), ws)
     prompt = None
     source = st.radio("question from", ["Demo zoo skills", "Benchmark tasks", "Write a prompt"], horizontal=True,
                       key="q_source")
 
     if source == "Demo zoo skills":
         try:
-            sets = _skills()
+            sets = caches.skill_sets()
         except ESMError as e:
             st.warning(f"No demo skill questions here: {e.reason}")
             sets = {}
@@ -79,14 +61,12 @@ with guard():
                        f"label source: {ss.skill.source}")
 
     elif source == "Benchmark tasks":
-        from esm_core.evaluate import build_query
-        from esm_core.tasks import default_data_dir, task_table
 
         dd = st.text_input("data directory", value=str(default_data_dir() or ""), key="q_data",
                            help="Where the benchmark files live (default: ../shared/data next to the repository).")
         default = default_data_dir()
         if dd and (default is None or Path(dd).expanduser().resolve() != default.resolve()):
-            state.check_allowed(dd, "Data directory")  # the default data directory is always readable
+            roots.check_allowed(dd, "Data directory")  # the default data directory is always readable
         rows = task_table(dd or None)
         avail = [r for r in rows if r["available"]]
         missing = [r for r in rows if not r["available"]]
@@ -97,7 +77,7 @@ with guard():
         else:
             name = st.selectbox("task", [r["name"] for r in avail], key="q_task",
                                 format_func=lambda n: next(f"{r['title']} [{r['group']}]" for r in avail if r["name"] == n))
-            task = _task(name, dd)
+            task = caches.task(name, dd)
             st.caption(f"{task.title}: pool {len(task.train)} rows, test split {len(task.test)} rows · "
                        f"{task.load_note()}")
             c1, c2 = st.columns(2)
@@ -140,18 +120,17 @@ with guard():
 
     if prompt is not None:
         _show_prompt(prompt)
-        choices = ["base", *ws.sset.names, *state.merges()]
+        choices = ["base", *ws.sset.names, *merges.merges()]
         models = st.multiselect("models", choices, default=choices, key="q_models")
         gen = st.toggle("also generate and parse", value=True, key="q_gen")
         if st.button("Answer", type="primary", key="q_go") and models:
-            from esm_core.evaluate import answer_side_by_side
 
-            merged = [m for m in models if m in state.merges()]
-            with st.spinner("Answering ..."), state.merged_adapters(merged) as adapters:
+            merged = [m for m in models if m in merges.merges()]
+            with st.spinner("Answering ..."), merges.merged_adapters(merged) as adapters:
                 rows = answer_side_by_side(answerer, prompt, {m: adapters.get(m, None if m == "base" else m)
                                                               for m in models}, generate=gen)
-            st.session_state["q_answers"] = (prompt.text(), rows)
-        ans = st.session_state.get("q_answers")
+            current().answers = (prompt.text(), rows)
+        ans = current().answers
         if ans is not None and ans[0] == prompt.text():
             df = pd.DataFrame(ans[1]).drop(columns=["prompt"])
             if "gold" in df:

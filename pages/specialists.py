@@ -1,8 +1,8 @@
 """Specialists: the base and the K LoRA specialists, what each adapter holds, whether they merge.
 
-METHOD.md section 0. Shows the current run (the demo zoo by default), one table per adapter (rank,
+docs/METHOD.md section 0. Shows the current run (the demo zoo by default), one table per adapter (rank,
 alpha, scaling, target modules, parameters, the per-block norm of scaling·B·A) and the compatibility
-verdict of every check the engine makes (esm_core.describe). A form builds a run from local model,
+verdict of every check the engine makes (esm_core.analysis.describe). A form builds a run from local model,
 adapter, encoder and data paths under the allowed roots (any K >= 2, any modality names); it is
 applied only when every check passes. Nothing here loads model weights.
 """
@@ -10,22 +10,22 @@ applied only when every check passes. Nothing here loads model weights.
 from __future__ import annotations
 
 from functools import partial
-
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from esm_core.config import RunSpec, load_run_spec, run_spec_from_dict
-from esm_core.describe import adapter_rows, delta_norm_matrix
+from esm_core.analysis.describe import adapter_rows, delta_norm_matrix
 from esm_core.encoders import encoder_types
 from esm_core.errors import ESMError
+from esm_core.runspec import RunSpec, load_run_spec, run_spec_from_dict
 from esm_core.samples import VALIDATORS
-from ui import figures, state
+from ui import checks, figures, roots, state
+from ui.session import current
 from ui.widgets import csv_bytes, guard, show_figure
 
 st.title("Specialists")
-st.caption("One base model and K LoRA specialists on one copy of the base (METHOD.md §0). Every check below "
+st.caption("One base model and K LoRA specialists on one copy of the base (docs/METHOD.md section 0). Every check below "
            "reads only the adapters and the base's config; the weights are loaded when you run.")
 
 KINDS = sorted(VALIDATORS)
@@ -43,25 +43,20 @@ def _show_verdict(v) -> None:
 def _form_version(sp: RunSpec) -> int:
     """Form widgets are keyed by a version that changes with the run, so the form always shows the
     current run (after applying, resetting, or loading a session) rather than stale inputs."""
-    key = state.spec_key(sp)
-    if st.session_state.get("spf_for") != key:
-        if "spf_for" in st.session_state:
-            st.session_state["spf_ver"] = st.session_state.get("spf_ver", 0) + 1
-        st.session_state["spf_for"] = key
-    return st.session_state.get("spf_ver", 0)
+    return current().form_version_for(state.spec_key(sp))
 
 
 def _apply(new: RunSpec, what: str) -> None:
-    v = state.apply_spec(new)
+    v = checks.apply_spec(new)
     if v.ok:
-        st.session_state["spf_msg"] = f"Applied {what}: {len(new.specialists)} specialists, modalities " \
-                                      f"{', '.join(m.name for m in new.modalities)}."
+        current().message = f"Applied {what}: {len(new.specialists)} specialists, modalities " \
+                            f"{', '.join(m.name for m in new.modalities)}."
         st.rerun()
     st.error(f"Not applied ({what}): the specialists do not pass the checks.")
     _show_verdict(v)
 
 
-msg = st.session_state.pop("spf_msg", None)
+msg = current().take_message()
 if msg:
     st.success(msg)
 
@@ -80,7 +75,7 @@ with guard():
                                for m in sp.modalities]), hide_index=True, width="stretch")
 
     st.subheader("Compatibility")
-    v = state.verdict(sp)
+    v = checks.verdict(sp)
     _show_verdict(v)
     st.dataframe(pd.DataFrame(v.table()), hide_index=True, width="stretch", key="sp_checks")
 
@@ -114,8 +109,8 @@ with guard():
 
 # ------------------------------------------------------------------------------------ your own models
 st.subheader("Use your own models")
-roots = ", ".join(f"`{r}`" for r in state.allowed_roots())
-st.caption(f"Local directories only, under the allowed roots ({roots}; the operator adds more with "
+allowed = ", ".join(f"`{r}`" for r in roots.allowed_roots())
+st.caption(f"Local directories only, under the allowed roots ({allowed}; the operator adds more with "
            "ESM_ALLOWED_ROOTS). Relative paths are taken from the repository root. The run is applied only "
            "when every check passes.")
 
@@ -124,14 +119,14 @@ with c2:
     if st.button("Reset to the demo zoo", key="sp_reset"):
         with guard():
             state.set_spec(state.demo_spec())
-            st.session_state["spf_msg"] = "Back to the demo zoo."
+            current().message = "Back to the demo zoo."
             st.rerun()
 with c1:
     with st.expander("Load a run config (YAML)"):
         ypath = st.text_input("run config path", key="sp_yaml", placeholder="e.g. /data/models/run.yaml")
         if st.button("Load and apply", key="sp_yaml_go") and ypath:
             with guard():
-                p = state.check_allowed(ypath, "Run config")
+                p = roots.check_allowed(ypath, "Run config")
                 _apply(load_run_spec(p), Path(p).name)
 
 with guard():
@@ -192,4 +187,4 @@ with guard():
             if not s["adapter"]:
                 raise ESMError(f"Specialist {s['name'] or '(unnamed)'!r} has no adapter directory.",
                                fix="fill in the PEFT adapter directory of every specialist.")
-        _apply(run_spec_from_dict(d, base_dir=state.ROOT), "your models")
+        _apply(run_spec_from_dict(d, base_dir=roots.ROOT), "your models")

@@ -30,7 +30,7 @@ SAMPLES = {"molecule": MOLECULES, "protein": PROTEINS, "cell": CELLS}
 
 
 def modality_specs():
-    from esm_core.config import ModalitySpec
+    from esm_core.runspec import ModalitySpec
 
     return [ModalitySpec("molecule", "Molecule: ", "smiles"), ModalitySpec("protein", "Protein: ", "protein"),
             ModalitySpec("cell", "Cell: ", "genes")]
@@ -51,7 +51,8 @@ def world(tmp_path_factory):
 
 def make_spec(world, names=("mol", "prot", "cell"), mods=("molecule", "protein", "cell"), preset="reference",
               adapters=None, **method):
-    from esm_core.config import MethodConfig, RunSpec, SpecialistSpec
+    from esm_core.config import MethodConfig
+    from esm_core.runspec import RunSpec, SpecialistSpec
 
     adapters = adapters or world["adapters"]
     method.setdefault("probes_per_modality", 12)

@@ -13,13 +13,11 @@ import os
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from streamlit.testing.v1 import AppTest
-
 from conftest import SAMPLES, make_spec
+from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
@@ -31,7 +29,7 @@ MOLECULE = "CC(=O)Oc1ccccc1C(=O)O"
 @pytest.fixture(scope="module")
 def tiny_app(world, tmp_path_factory):
     """The tiny world as the app's demo run (fast estimations)."""
-    from esm_core.config import run_spec_to_dict
+    from esm_core.runspec import run_spec_to_dict
 
     d = tmp_path_factory.mktemp("conc")
     cfg = run_spec_to_dict(make_spec(world))
@@ -48,11 +46,14 @@ def tiny_app(world, tmp_path_factory):
 
 def _solo(run_yaml):
     """What each session must get: its estimation and its TIES merge's answers, computed alone."""
-    from esm_core.config import load_run_spec
-    from esm_core.evaluate import BatchedAnswerer, answer_side_by_side
-    from esm_core.merge import MergeContext, get_method, merged_config
+    from esm_core.adapters import merged_config
+    from esm_core.answering.batched import BatchedAnswerer
+    from esm_core.answering.prompts import Example, Item, few_shot_prompt
+    from esm_core.benchmark.harness import answer_side_by_side
+    from esm_core.merging.base import MergeContext
+    from esm_core.merging.registry import get_method
     from esm_core.pipeline import Workspace, estimate, read_probe_samples
-    from esm_core.prompts import Example, Item, few_shot_prompt
+    from esm_core.runspec import load_run_spec
 
     spec = load_run_spec(run_yaml)
     ws = Workspace.from_spec(spec, samples=read_probe_samples(spec))
@@ -77,11 +78,12 @@ def _session(i: int, env: dict, results: dict, errors: list):
         s = SESSIONS[i]
         at = AppTest.from_file(APP, default_timeout=600)
         at.run()
-        at.session_state["method"] = at.session_state["method"].replace(preset=s["preset"], seed=s["seed"])
+        esm = at.session_state["esm"]
+        esm.method = esm.method.replace(preset=s["preset"], seed=s["seed"])
         at.run()
         at.button(key="run").click().run()
         assert not at.exception, [e.value for e in at.exception]
-        res = at.session_state["base_result"]
+        res = at.session_state["esm"].base_result
         at.switch_page("pages/merge.py").run()
         at.selectbox(key="mg_method").set_value("ties").run()
         at.number_input(key="mg_ties_density").set_value(s["density"]).run()
@@ -101,7 +103,22 @@ def _session(i: int, env: dict, results: dict, errors: list):
         errors.append(f"session {i}: {e!r}")
 
 
+def _one_compile_at_a_time(monkeypatch):
+    """Each AppTest compiles its page scripts with its own script cache; CPython 3.11's ast module is not
+    safe for parses in several threads at once ("AST constructor recursion depth mismatch"). A real
+    server compiles under one shared cache lock, so the sessions' page compiles take turns here too."""
+    from streamlit.runtime.scriptrunner import magic
+
+    lock, add_magic = threading.Lock(), magic.add_magic
+
+    def locked(*a, **k):
+        with lock:
+            return add_magic(*a, **k)
+    monkeypatch.setattr(magic, "add_magic", locked)
+
+
 def test_three_sessions_at_once_equal_their_solo_runs(tiny_app, world, monkeypatch):
+    _one_compile_at_a_time(monkeypatch)
     run_yaml, d = tiny_app
     monkeypatch.setenv("ESM_DEMO_SPEC", str(run_yaml))
     monkeypatch.setenv("ESM_ALLOWED_ROOTS", os.pathsep.join([str(d), str(world["dir"])]))

@@ -22,8 +22,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import SAMPLES, make_spec
+
+from esm_core import paths
+from esm_core.paths import DEMO_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO_YAML = ROOT / "assets" / "zoo" / "run.yaml"
@@ -34,7 +36,7 @@ TIMEOUT = 240
 @pytest.fixture(scope="module")
 def run_yaml(world, tmp_path_factory) -> tuple[Path, Path]:
     """(run.yaml, directory to allow): the demo zoo with few probes when present, else the tiny world."""
-    from esm_core.config import load_run_spec, run_spec_to_dict
+    from esm_core.runspec import load_run_spec, run_spec_to_dict
 
     d = tmp_path_factory.mktemp("merge_app")
     if ZOO_YAML.is_file():
@@ -93,7 +95,7 @@ def _dataframe_with(at, column: str):
 
 # ------------------------------------------------------------------------------------ page
 def test_method_list_and_generated_parameter_widgets(app):
-    from esm_core.merge import get_method, list_methods
+    from esm_core.merging.registry import get_method, list_methods
 
     sb = app.selectbox(key="mg_method")
     assert sb.options == [m.pretty for m in list_methods()]
@@ -118,11 +120,11 @@ def test_es_without_a_result_says_to_run_it_first(app):
     _click(app, "mg_run")
     errs = _errors(app)
     assert any("ES-Merging needs the coefficients" in e and "run ES-Merging" in e for e in errs), errs
-    assert not app.session_state["merges"]
+    assert not app.session_state["esm"].merges
 
 
 def test_merge_list_comparison_and_downloads(app):
-    from esm_core.merge import get_method
+    from esm_core.merging.registry import get_method
 
     app.selectbox(key="mg_method").select("es")
     app.run()
@@ -138,7 +140,7 @@ def test_merge_list_comparison_and_downloads(app):
     _click(app, "mg_run")
     assert not _errors(app), _errors(app)
 
-    merges = app.session_state["merges"]
+    merges = app.session_state["esm"].merges
     assert list(merges) == ["merged_es_1", "merged_ties_1"]
     assert merges["merged_ties_1"]["params"]["density"] == 0.5
 
@@ -201,13 +203,13 @@ def test_bad_parameter_and_average_without_coefficients(app):
     app.run()
     _click(app, "mg_run")
     assert any("has 2 value(s) for 3 specialists" in e for e in _errors(app)), _errors(app)
-    assert not app.session_state["merges"]
+    assert not app.session_state["esm"].merges
 
     app.selectbox(key="mg_method").select("average")
     app.run()
     assert any("has no parameters" in c.value for c in app.caption)
     _click(app, "mg_run")
-    assert list(app.session_state["merges"]) == ["merged_average_1"]
+    assert list(app.session_state["esm"].merges) == ["merged_average_1"]
     assert any("Average has no coefficients to download" in c.value for c in app.caption)
     assert any("Needs two merges with per-element coefficients" in i.value for i in app.info)
     labels = {b.label for b in app.get("download_button")}
@@ -215,7 +217,6 @@ def test_bad_parameter_and_average_without_coefficients(app):
 
 
 def test_learned_method_says_when_no_data_is_available(app, tmp_path, monkeypatch):
-    from esm_core import zoo
 
     monkeypatch.setenv("ESM_DATA_DIR", str(tmp_path))
     app.selectbox(key="mg_method").select("adamerging")
@@ -224,19 +225,18 @@ def test_learned_method_says_when_no_data_is_available(app, tmp_path, monkeypatc
     assert any("No task data is available" in e for e in _errors(app))
     _click(app, "mg_run")
     assert any("the chosen source has no data" in e for e in _errors(app))
-    assert not app.session_state["merges"]
+    assert not app.session_state["esm"].merges
 
-    monkeypatch.setattr(zoo, "DEMO_DIR", tmp_path / "no_demo")
+    monkeypatch.setattr(paths, "DEMO_DIR", tmp_path / "no_demo")
     app.radio(key="mg_source").set_value("skills")
     app.run()
     assert any("The demo data is missing" in e for e in _errors(app))
 
 
 def test_adamerging_learns_from_skill_prompts_with_progress(app):
-    from esm_core import zoo
     from esm_core.zoo.data import DEMO_FILES
 
-    if not all((Path(zoo.DEMO_DIR) / f).is_file() for f in DEMO_FILES):
+    if not all((Path(DEMO_DIR) / f).is_file() for f in DEMO_FILES):
         pytest.skip("demo data (assets/demo) not present")
     app.selectbox(key="mg_method").select("adamerging")
     app.run()
@@ -250,7 +250,7 @@ def test_adamerging_learns_from_skill_prompts_with_progress(app):
     app.run()
     _click(app, "mg_run")
     assert not _errors(app), _errors(app)
-    e = app.session_state["merges"]["merged_adamerging_1"]
+    e = app.session_state["esm"].merges["merged_adamerging_1"]
     assert e["params"]["steps"] == 1 and e["output"].info["n_prompts"] == 2
     assert "2 prompts from skills cell_t (train split)" in e["data"]
     assert len(e["output"].info["entropy_trace"]) == 1
@@ -261,7 +261,8 @@ def test_adamerging_learns_from_skill_prompts_with_progress(app):
 
 # ------------------------------------------------------------------------------------ engine functions
 def _ties(workspace):
-    from esm_core.merge import MergeContext, get_method
+    from esm_core.merging.base import MergeContext
+    from esm_core.merging.registry import get_method
 
     ctx = MergeContext.from_specialists(workspace.sset, workspace=workspace)
     return ctx, get_method("ties").run(ctx, {"density": 0.5})
@@ -272,7 +273,8 @@ def test_zip_round_trips_through_stock_peft(world, workspace, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from esm_core.merge import merged_config, zip_merged
+    from esm_core.adapters import merged_config
+    from esm_core.merging.output import zip_merged
 
     ctx, out = _ties(workspace)
     sset = workspace.sset
@@ -317,7 +319,7 @@ def test_zip_round_trips_through_stock_peft(world, workspace, tmp_path):
 
 
 def test_zip_files_keeps_paths_and_refuses_escapes():
-    from esm_core.merge import zip_files
+    from esm_core.io import zip_files
 
     data = zip_files({"a.json": b"{}", "encoders/mol/x.bin": b"\x00\x01"}, "m")
     with zipfile.ZipFile(io.BytesIO(data)) as z:
@@ -328,7 +330,7 @@ def test_zip_files_keeps_paths_and_refuses_escapes():
 
 
 def test_compare_coefficients_on_hand_made_tensors():
-    from esm_core.merge import compare_coefficients
+    from esm_core.analysis.compare import compare_coefficients
 
     names = ["a", "b"]
     c1 = torch.tensor([[[0.9, 0.2, 0.5]], [[0.1, 0.8, 0.5]]])  # tops: a, b, tie
@@ -349,11 +351,10 @@ def test_compare_coefficients_on_hand_made_tensors():
 
 
 def test_skill_training_prompts_come_from_the_train_split():
-    from esm_core import zoo
-    from esm_core.merge import skill_training_prompts
     from esm_core.zoo.data import DEMO_FILES, load_demo
+    from esm_core.zoo.training import skill_training_prompts
 
-    if not all((Path(zoo.DEMO_DIR) / f).is_file() for f in DEMO_FILES):
+    if not all((Path(DEMO_DIR) / f).is_file() for f in DEMO_FILES):
         pytest.skip("demo data (assets/demo) not present")
     ps = skill_training_prompts(["mol_aromatic", "cell_t"], 6, k=2, seed=3)
     assert len(ps) == 12

@@ -13,9 +13,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from streamlit.testing.v1 import AppTest
-
 from conftest import ROOT
+from streamlit.testing.v1 import AppTest
 
 
 def _ok(at):
@@ -53,10 +52,10 @@ def test_overview_runs_and_reports(app_env):
     _ok(at)
     names = list(at.dataframe[0].value["name"])
     assert at.title[0].value == "ES-Merging workbench" and len(names) >= 2
-    assert at.session_state["base_result"] is None if "base_result" in at.session_state else True
+    assert at.session_state["esm"].base_result is None and not at.metric  # nothing computed before Run
     at.button(key="run").click().run()
     _ok(at)
-    res = at.session_state["base_result"]
+    res = at.session_state["esm"].base_result
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["probes"] == str(res.probe_summary["n_probes"])
     assert metrics["LoRA factors"] == str(len(res.lam))
@@ -69,7 +68,8 @@ def test_overview_runs_and_reports(app_env):
     # the session file round-trips what the sidebar saves (AppTest does not rerun the sidebar script)
     from ui.session_io import read_session, session_bytes
 
-    sp, cfg, samples = at.session_state["spec"], at.session_state["method"], at.session_state["samples"]
+    esm = at.session_state["esm"]
+    sp, cfg, samples = esm.spec, esm.method, esm.samples
     for with_states in (False, True):
         data = session_bytes(sp, cfg, samples, res, include_states=with_states)
         sp2, cfg2, samples2, res2 = read_session(data)
@@ -87,7 +87,7 @@ def test_overview_runs_and_reports(app_env):
 
 def test_layer_page_shows_alpha_and_temperature_rederives(app_env):
     at = _computed_app("layer_signals")
-    res = at.session_state["base_result"]
+    res = at.session_state["esm"].base_result
     figs = _figures(at)
     swd = next(f for f in figs if "Sliced Wasserstein" in f["layout"]["title"]["text"])
     ys = np.concatenate([_arr(t["y"]) for t in swd["data"]])
@@ -95,8 +95,8 @@ def test_layer_page_shows_alpha_and_temperature_rederives(app_env):
     tau = at.number_input(key="layer_tau_layer")
     tau.set_value(3.0).run()
     _ok(at)
-    cfg = at.session_state["method"]
-    assert cfg.tau_layer == 3.0 and at.session_state["base_result"] is res  # no new pass
+    cfg = at.session_state["esm"].method
+    assert cfg.tau_layer == 3.0 and at.session_state["esm"].base_result is res  # no new pass
     heat = next(f for f in _figures(at) if "α per block" in f["layout"]["title"]["text"])
     expect = torch.softmax(res.layer.s.double() / 3.0, dim=0).numpy().T
     assert np.allclose(_arr(heat["data"][0]["z"]), expect, atol=1e-5)
@@ -107,7 +107,7 @@ def test_layer_page_shows_alpha_and_temperature_rederives(app_env):
 
 def test_element_page_tables_match_result(app_env):
     at = _computed_app("element_signals")
-    res = at.session_state["base_result"]
+    res = at.session_state["esm"].base_result
     df = next(d.value for d in at.dataframe if "spread of z" in d.value.columns)
     key = sorted(res.lam)[0]  # the first block/module/A is selected by default
     for _, row in df.head(5).iterrows():
@@ -121,7 +121,7 @@ def test_element_page_tables_match_result(app_env):
 
 def test_embeddings_page_maps_every_model(app_env):
     at = _computed_app("embeddings")
-    res = at.session_state["base_result"]
+    res = at.session_state["esm"].base_result
     fig = next(f for f in _figures(at) if "PCA" in f["layout"]["title"]["text"])
     n_points = sum(len(_arr(t["x"])) for t in fig["data"])
     n_samples = res.states.pooled[res.modalities[0]].shape[2]
@@ -131,7 +131,7 @@ def test_embeddings_page_maps_every_model(app_env):
 
 def test_explain_page_traces_to_the_stored_lambda(app_env):
     at = _computed_app("explain")
-    res = at.session_state["base_result"]
+    res = at.session_state["esm"].base_result
     at.selectbox(key="ex_spec").set_value(res.specialists[1]).run()
     at.number_input(key="ex_row").set_value(1).run()
     _ok(at)
@@ -155,7 +155,7 @@ def test_query_page_answers_side_by_side(app_env):
     at.button(key="q_go").click().run()
     _ok(at)
     df = next(d.value for d in at.dataframe if "answer_likelihood" in d.value.columns)
-    specs = at.session_state["spec"].specialists
+    specs = at.session_state["esm"].spec.specialists
     assert list(df["model"]) == ["base", *[s.name for s in specs]]
     p = df[["p(Yes)", "p(No)"]].to_numpy()
     assert np.allclose(p.sum(1), 1.0, atol=1e-5)

@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import MOLECULES, PROTEINS, write_run_yaml
 from streamlit.testing.v1 import AppTest
 
-from conftest import MOLECULES, PROTEINS, write_run_yaml
-from esm_core.config import load_run_spec
 from esm_core.encoders import SoftTokenEncoder, SoftTokenProjector
+from esm_core.runspec import load_run_spec
 from esm_core.samples import read_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ def test_settings_count_seed_and_separate_layout(at, demo):
     next(b for b in at.button if b.label == "Apply settings").click()
     at.run()
     _ok(at)
-    cfg = at.session_state["method"]
+    cfg = at.session_state["esm"].method
     assert (cfg.probes_per_modality, cfg.seed, cfg.layout) == (9, 7, "separate")
     assert _counts(at)["used"].tolist() == [9] * M
     assert any(f"{9 * M} probes · layout **separate**" in c.value for c in at.caption)
@@ -206,7 +206,7 @@ def test_settings_count_seed_and_separate_layout(at, demo):
 
 
 def test_upload_wrong_column_bad_rows_and_size_limit(at, demo):
-    from ui.state import UPLOAD_LIMIT
+    from ui.sample_pools import UPLOAD_LIMIT
 
     m = next(x for x in demo.modalities if x.kind == "smiles")
     good = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "CCCC", "O=C=O", "CC(C)O", "CCl", "CBr", "C#N"]
@@ -255,7 +255,7 @@ def test_pick_rows(at, demo):
     assert not at.error, _errors(at)
     row = _counts(at).loc[m.name]
     assert row["total"] == len(keep) and row["source"].startswith(f"{len(keep)} rows picked from data file")
-    assert at.session_state["samples"][m.name] == [rows[i] for i in keep]
+    assert at.session_state["esm"].samples[m.name] == [rows[i] for i in keep]
     # too few rows for min_probes: refused, nothing changes
     at.session_state[f"pr_pick_{m.name}"] = {
         "edited_rows": {i: {"use": i in (0, 2, 3)} for i in range(len(rows))}, "added_rows": [], "deleted_rows": []}

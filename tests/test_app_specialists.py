@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import write_run_yaml
 from safetensors.torch import load_file
 from streamlit.testing.v1 import AppTest
 
-from conftest import write_run_yaml
-from esm_core.config import load_run_spec
+from esm_core.runspec import load_run_spec
 from esm_core.tiny import make_lora_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +111,7 @@ def test_paths_outside_the_roots_are_refused(at, demo, world, tmp_path):
     err = _errors(at)
     assert "is outside the directories this workbench may read" in err and str(outside) in err
     assert "ESM_ALLOWED_ROOTS" in err
-    assert [s.adapter for s in at.session_state["spec"].specialists] == [s.adapter for s in demo.specialists]
+    assert [s.adapter for s in at.session_state["esm"].spec.specialists] == [s.adapter for s in demo.specialists]
     at.text_input(key="sp_yaml").set_value("/etc/hosts")
     next(b for b in at.button if b.label == "Load and apply").click()
     at.run()
@@ -168,10 +167,10 @@ def test_apply_own_models_with_differing_alpha_then_reset(at, world, extra, demo
     assert table["scaling"].tolist() == ["2", "8"]
     current = _frame(at, "adapter")  # the "Current run" table follows
     assert current["specialist"].tolist() == ["mol", "loud"] and current["modality"].tolist() == ["molecule", "protein"]
-    assert at.session_state["spec"].base == str(world["base"])
+    assert at.session_state["esm"].spec.base == str(world["base"])
     # the form now shows the applied run
     assert at.text_input(key="spf1_s1_adapter").value == str(extra["loud"])
     next(b for b in at.button if b.label == "Reset to the demo zoo").click()
     at.run()
     assert any(s.value == "Back to the demo zoo." for s in at.success)
-    assert [s.name for s in at.session_state["spec"].specialists] == [s.name for s in demo.specialists]
+    assert [s.name for s in at.session_state["esm"].spec.specialists] == [s.name for s in demo.specialists]

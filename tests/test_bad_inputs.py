@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import CELLS, MOLECULES, PROTEINS
+
 from esm_core.cli import main as cli
 from esm_core.errors import ESMError
 from esm_core.tiny import ALL_TARGETS, make_lora_adapter
@@ -322,7 +322,7 @@ def test_two_merges_racing_to_one_output_one_wins_the_other_says_so(S, tmp_path)
 # ------------------------------------------------------------------------------------ a kill during the write
 SLOW_WRITE = """
 import sys, time
-import esm_core.merge as m
+import esm_core.merging.output as m
 orig = m.save_adapter_files
 def slow(directory, *a, **k):
     orig(directory, *a, **k)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SAMPLES, make_spec, write_run_yaml
 from safetensors import safe_open
 from safetensors.torch import save
 from streamlit.testing.v1 import AppTest
 
-from conftest import SAMPLES, make_spec, write_run_yaml
 from esm_core.errors import ESMError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,25 +136,25 @@ def test_a_bad_session_upload_shows_one_error_and_changes_nothing(monkeypatch, w
     monkeypatch.setenv("ESM_ALLOWED_ROOTS", os.pathsep.join([str(app_env.parent), str(world["dir"])]))
     at = AppTest.from_function(_panel, args=(str(ROOT),), default_timeout=60)
     at.run()
-    before = at.session_state["spec"]
+    before = at.session_state["esm"].spec
     bad = tamper(session, session_spec=edit("trust_remote_code", value="no"))
     at.file_uploader(key="load_session").set_value(("s.safetensors", bad, "application/octet-stream")).run()
     assert not at.exception, [e.value for e in at.exception]
     assert "trust_remote_code='no'" in _errors(at) and "Fix:" in _errors(at)
-    assert at.session_state["spec"] == before
+    assert at.session_state["esm"].spec == before
     at.file_uploader(key="load_session").set_value(("junk.safetensors", b"junk" * 100, "application/octet-stream"))
     at.run()
     assert not at.exception and "not a safetensors session file" in _errors(at)
     at.file_uploader(key="load_session").set_value(("good.safetensors", session, "application/octet-stream")).run()
     assert not at.exception and not at.error and at.success[0].value == "Session loaded."
-    assert [s.name for s in at.session_state["spec"].specialists] == ["mol", "prot", "cell"]
+    assert [s.name for s in at.session_state["esm"].spec.specialists] == ["mol", "prot", "cell"]
 
 
 def test_the_run_config_and_form_refuse_what_the_cli_refuses(at, world, tmp_path_factory):
     d = tmp_path_factory.mktemp("app_bad_cfg")  # inside the allowed roots (world["dir"].parent)
     good = yaml.safe_load(write_run_yaml(d, world).read_text())
     at.switch_page("pages/specialists.py").run()
-    before = at.session_state["spec"]
+    before = at.session_state["esm"].spec
     cases = [("trust.yaml", dict(good, trust_remote_code="false"), "trust_remote_code='false'"),
              ("outside.yaml", dict(good, base="/usr"), "Base model '/usr' is outside"),
              ("name.yaml", dict(good, specialists=[dict(good["specialists"][0], name="../up")] + good["specialists"][1:]),
@@ -166,11 +166,11 @@ def test_the_run_config_and_form_refuse_what_the_cli_refuses(at, world, tmp_path
         at.run()
         assert not at.exception, [e.value for e in at.exception]
         assert fragment in _errors(at), (fname, _errors(at))
-        assert at.session_state["spec"] == before
+        assert at.session_state["esm"].spec == before
     # the own-models form: a modality name that is a path
     at.text_input(key="spf0_m0_name").set_value("../../etc")
     next(b for b in at.button if b.label == "Check and apply").click()
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert "modalities[0].name='../../etc'" in _errors(at)
-    assert at.session_state["spec"] == before
+    assert at.session_state["esm"].spec == before

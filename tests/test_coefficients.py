@@ -1,4 +1,4 @@
-"""Formula tests on hand-made signals for every step of METHOD.md sections 2-4, both presets."""
+"""Formula tests on hand-made signals for every step of docs/METHOD.md sections 2-4, both presets."""
 
 import math
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from esm_core.coefficients import (combine, element_coefficients, layer_coefficients, modality_weights, zscore)
+from esm_core.adapters import LoraKey
+from esm_core.coefficients import combine, element_coefficients, layer_coefficients, modality_weights, zscore
 from esm_core.config import MethodConfig
-from esm_core.specialists import LoraKey
 
 PRESETS = ["reference", "paper"]
 

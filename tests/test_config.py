@@ -3,8 +3,9 @@
 import pytest
 import yaml
 
-from esm_core.config import PRESETS, MethodConfig, load_run_spec
+from esm_core.config import PRESETS, MethodConfig
 from esm_core.errors import ESMError
+from esm_core.runspec import load_run_spec
 
 
 def test_presets_fill_the_method_table():

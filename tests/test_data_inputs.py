@@ -1,4 +1,4 @@
-"""Bad input gives a clear error, loses nothing and is never silent (issue rows 9, 10, 11, 13).
+"""Bad input gives a clear error, loses nothing and is never silent (bad data files, huge probe files, silent skips, CSV formulas).
 
 One table of cases, one parametrised test. Each case builds its own input (files under tmp_path, the
 tiny random world of conftest for the CLI) and asserts what the user must see:
@@ -27,11 +27,12 @@ from typing import Callable
 
 import pandas as pd
 import pytest
-
 from conftest import MOLECULES, PROTEINS, ROOT, modality_specs, write_run_yaml
+
 from esm_core.cli import main as cli
-from esm_core.config import DataSpec, MethodConfig, ModalitySpec
+from esm_core.config import MethodConfig
 from esm_core.errors import ESMError
+from esm_core.runspec import DataSpec, ModalitySpec
 
 
 @dataclass
@@ -95,7 +96,7 @@ def _good_rows(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
 
 
 def task_skipped(ctx: Ctx, *, test_text: str, fragments: tuple[str, ...]) -> None:
-    from esm_core.tasks import load_tasks
+    from esm_core.benchmark.tasks import load_tasks
 
     d = ctx.tmp / "data" / "public" / "dti"
     _write(d / "human_random_train.csv", _dti_csv(_good_rows(20)))
@@ -146,7 +147,7 @@ BIG_ROWS, BAD_EVERY = 200_000, 7
 def huge_probe_file(ctx: Ctx) -> None:
     """A 200k-row probe CSV: the column alone is read, only the drawn rows are validated, fast."""
     from esm_core.pipeline import read_probe_samples
-    from esm_core.probe import build_probes
+    from esm_core.probes import build_probes
 
     lines = [f"m{i},{'not((' if i % BAD_EVERY == 3 else MOLECULES[i % len(MOLECULES)]},note {i}"
              for i in range(BIG_ROWS)]
@@ -175,7 +176,7 @@ def huge_probe_file(ctx: Ctx) -> None:
 
 def clean_file_keeps_its_draw(ctx: Ctx) -> None:
     """Without bad rows the draw is the one of validating everything first (existing probe sets stay)."""
-    from esm_core.probe import sample_modality
+    from esm_core.probes import sample_modality
 
     raws = [MOLECULES[i % len(MOLECULES)] for i in range(5000)]
     calls = _count_validator(ctx, "smiles")

@@ -1,4 +1,4 @@
-"""esm_core.describe: the compatibility verdict records every engine check, adapter tables, B·A norms.
+"""esm_core.analysis.describe: the compatibility verdict records every engine check, adapter tables, B·A norms.
 
 The verdict must reach the same conclusions as SpecialistSet.load (which stops at the first refusal),
 but list every failure at once, and build the base's module tree without reading its weights.
@@ -12,11 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from esm_core.config import EncoderSpec
-from esm_core.describe import (adapter_rows, base_skeleton, check_specialists, delta_norm_matrix, scalings_differ)
+from esm_core.adapters import read_adapter
+from esm_core.analysis.describe import (
+    adapter_rows,
+    base_skeleton,
+    check_specialists,
+    delta_norm_matrix,
+    scalings_differ,
+)
 from esm_core.errors import ESMError
-from esm_core.merge import prepare_tensors
-from esm_core.specialists import read_adapter
+from esm_core.merging.base import prepare_tensors
+from esm_core.runspec import EncoderSpec
 from esm_core.tiny import build_tiny_base, make_lora_adapter
 
 ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

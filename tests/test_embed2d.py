@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from esm_core.embed2d import gather_points, pca_2d, project_2d
+from esm_core.analysis.embed2d import gather_points, pca_2d, project_2d
 from esm_core.errors import ESMError
 from esm_core.pipeline import estimate
 

@@ -11,15 +11,24 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from conftest import CELLS, MOLECULES, PROTEINS, write_run_yaml
+
+from esm_core.answering.answerer import Answerer
+from esm_core.answering.batched import Answers, BatchedAnswerer
+from esm_core.benchmark.harness import (
+    answer_side_by_side,
+    build_query,
+    evaluate_model,
+    fit_prompt,
+    reference_scores,
+    task_prompts,
+    training_prompts,
+)
+from esm_core.benchmark.metrics import Score, accuracy, bootstrap_scores, macro_f1, retrieval_majority
+from esm_core.benchmark.reports import Report
+from esm_core.benchmark.tasks import Record, TaskData
 from esm_core.cli import main as cli
 from esm_core.errors import ESMError
-from esm_core.evaluate import (Answers, BatchedAnswerer, Report, Score, accuracy, answer_side_by_side,
-                               bootstrap_scores, build_query, evaluate_model, fit_prompt, macro_f1, reference_scores,
-                               retrieval_majority, task_prompts, training_prompts)
-from esm_core.prompts import Answerer
-from esm_core.tasks import Record, TaskData
 
 YN = ["Yes", "No"]
 
@@ -97,7 +106,7 @@ def toy_tasks():
     pair = [Record({"smiles": rnd.choice(MOLECULES), "smiles_2": rnd.choice(MOLECULES), "genes": rnd.choice(cells)},
                    rnd.choice(["Synergistic", "Antagonistic"])) for _ in range(30)]
     cyp = [Record({"smiles": rnd.choice(MOLECULES)}, rnd.choice(YN)) for _ in range(30)]
-    from esm_core.prompts import Item
+    from esm_core.answering.prompts import Item
 
     return {
         "dti": TaskData("toy_dti", "Toy DTI", "Molecule-protein interaction", "molecule_protein", dti[:36], dti[36:]),
@@ -293,7 +302,8 @@ def test_cli_evaluate_table_json_and_skips(cli_env, world, capsys):
 
 
 def test_cli_compare_table_csv(cli_env, capsys):
-    from esm_core.merge import REGISTRY, MergeMethod, MergeOutput, register, weighted_sum
+    from esm_core.merging.base import MergeMethod, MergeOutput, weighted_sum
+    from esm_core.merging.registry import REGISTRY, register
 
     seen = {}
 

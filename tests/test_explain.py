@@ -2,7 +2,7 @@
 
 import pytest
 
-from esm_core.explain import trace
+from esm_core.analysis.explain import trace
 from esm_core.pipeline import estimate, recompute
 
 

@@ -1,14 +1,23 @@
 """Example selection on small hand-made pools: exact-protein match first, fill order, Jaccard ties,
-drug-pair alignment, exclusion and determinism (esm_core/fewshot.py, METHOD.md section 7)."""
+drug-pair alignment, exclusion and determinism (esm_core/fewshot.py, docs/METHOD.md section 7)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from esm_core.benchmark.fewshot import (
+    EmbeddingProteinSimilarity,
+    KmerProteinSimilarity,
+    MoleculeCellSelector,
+    MoleculeIndex,
+    MoleculeProteinSelector,
+    MoleculeSelector,
+    jaccard,
+    tanimoto,
+)
+from esm_core.chem import fingerprint
 from esm_core.errors import ESMError
-from esm_core.fewshot import (EmbeddingProteinSimilarity, KmerProteinSimilarity, MoleculeCellSelector,
-                              MoleculeIndex, MoleculeProteinSelector, MoleculeSelector, fingerprint, jaccard, tanimoto)
 
 
 def rdkit_tanimoto(q, pool):

@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import SAMPLES, make_spec
+
 from esm_core.gate import ModelGate
 
 
@@ -89,8 +89,9 @@ def _alpha_lam(res):
 
 
 def test_concurrent_estimations_and_answers_equal_their_solo_runs(world):
+    from esm_core.answering.answerer import Answerer
+    from esm_core.answering.prompts import Example, Item, few_shot_prompt
     from esm_core.pipeline import Workspace, estimate
-    from esm_core.prompts import Answerer, Example, Item, few_shot_prompt
 
     ws = Workspace.from_spec(make_spec(world), samples=SAMPLES)
     cfgs = [ws.spec.method.replace(seed=s, n_projections=64) for s in (1, 2, 3)]

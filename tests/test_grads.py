@@ -7,11 +7,11 @@ per modality and per unit, with respect to that layer's LoRA parameters.
 
 import pytest
 import torch
-
 from conftest import SAMPLES, make_spec
+
 from esm_core.pipeline import Workspace
-from esm_core.probe import forward_blocks
-from esm_core.signals import compute_signals
+from esm_core.signals.collect import compute_signals
+from esm_core.states import forward_blocks
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_units_change_scores(ws64):
 
 def test_hidden_states_of_signal_pass_match_plain_forward(ws64):
     """Detaching block inputs must not change the forward values."""
-    from esm_core.probe import collect_hidden_states
+    from esm_core.states import collect_hidden_states
 
     cfg = ws64.spec.method
     sig = compute_signals(ws64.sset, ws64.batcher(cfg), cfg)

@@ -7,15 +7,13 @@ import json
 
 import pytest
 import torch
-
+from conftest import MOLECULES, write_run_yaml
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import MOLECULES, write_run_yaml
+from esm_core.adapters import LoraKey, read_adapter
 from esm_core.cli import main as cli
 from esm_core.pipeline import load_result
-from esm_core.specialists import LoraKey, read_adapter
 
 
 @pytest.fixture(scope="module")

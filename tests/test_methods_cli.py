@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 import yaml
-
 from conftest import CELLS, MOLECULES, PROTEINS
+
+from esm_core.adapters import LoraKey, read_adapter
 from esm_core.cli import main as cli
-from esm_core.specialists import LoraKey, read_adapter
 
 NAMES = [("mol", "molecule"), ("prot", "protein"), ("cell", "cell")]
 

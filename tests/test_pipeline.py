@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import SAMPLES, make_spec
+
 from esm_core.coefficients import alpha_projection_sweep, modality_weights
 from esm_core.pipeline import Workspace, estimate, load_result, recompute, save_result
 

@@ -1,12 +1,21 @@
-"""esm_core.preview: sample previews, probe spans, and safe parsing of uploaded tables."""
+"""esm_core.analysis.preview: sample previews, probe spans, and safe parsing of uploaded tables."""
 
 import gzip
 
 import pytest
 
+from esm_core.analysis.preview import (
+    column_samples,
+    gene_frequency,
+    gene_table,
+    guess_column,
+    molecule_grid_svg,
+    protein_stats,
+    read_upload,
+    span_counts,
+    token_spans,
+)
 from esm_core.errors import ESMError
-from esm_core.preview import (column_samples, gene_frequency, gene_table, guess_column, molecule_grid_svg,
-                              protein_stats, read_upload, span_counts, token_spans)
 
 
 def test_protein_stats():

@@ -3,14 +3,16 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import SAMPLES, make_spec, modality_specs
-from esm_core.config import EncoderSpec, MethodConfig
+
+from esm_core.config import MethodConfig
 from esm_core.encoders import SoftTokenEncoder, SoftTokenProjector, morgan_fingerprint, register_encoder
 from esm_core.errors import ESMError
 from esm_core.pipeline import Workspace
-from esm_core.probe import BlockCapture, build_probes, forward_blocks
+from esm_core.probes import build_probes
+from esm_core.runspec import EncoderSpec
 from esm_core.samples import validate
+from esm_core.states import BlockCapture, forward_blocks
 
 
 def test_validators_report_reasons():
@@ -69,7 +71,7 @@ def test_spans_hold_the_encoder_tokens(workspace):
 
 
 def test_block_hooks_equal_hidden_states_but_the_last(workspace):
-    """Hooks give block outputs; HF's last hidden state has the final norm applied (METHOD.md s.1)."""
+    """Hooks give block outputs; HF's last hidden state has the final norm applied (docs/METHOD.md section 1)."""
     sset = workspace.sset
     batch = workspace.batcher().batch([0, 1])
     with torch.no_grad(), sset.use("mol"):

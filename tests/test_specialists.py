@@ -13,9 +13,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from esm_core.adapters import LoraKey, parse_peft_key, read_adapter
 from esm_core.cli import main as cli
 from esm_core.errors import ESMError
-from esm_core.specialists import LoraKey, SpecialistSet, parse_peft_key, read_adapter
+from esm_core.models import SpecialistSet
 from esm_core.tiny import build_tiny_base, make_lora_adapter
 
 
@@ -156,7 +157,7 @@ def test_cli_refusal_leaves_no_output(world, bad, which, words, tmp_path, capsys
 
 
 def test_differing_alpha_is_folded_into_B(world, bad):
-    from esm_core.merge import MergeContext
+    from esm_core.merging.base import MergeContext
 
     sset = SpecialistSet.load(str(world["base"]), [("mol", str(world["adapters"]["mol"])), ("alpha", str(bad["alpha"]))])
     ctx = MergeContext.from_specialists(sset)

@@ -1,4 +1,4 @@
-"""SWD against POT on the same projections, and its invariants (METHOD.md section 2, step 2)."""
+"""SWD against POT on the same projections, and its invariants (docs/METHOD.md section 2, step 2)."""
 
 import numpy as np
 import ot
@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.preprocessing import StandardScaler
 
-from esm_core.swd import projections, sliced_wasserstein, standardize_pair
+from esm_core.signals.swd import projections, sliced_wasserstein, standardize_pair
 
 
 def _pair(n, m, d, seed):

@@ -1,5 +1,6 @@
 """Task loaders: columns, skipped rows, label rules, seeded splits, missing files, prompt content
-(esm_core/tasks.py). Hand-made files in tmp dirs; the real data directory only in the last tests."""
+(esm_core/benchmark/tasks.py, loaders.py, taskdata.py). Hand-made files in tmp dirs; the real data
+directory only in the last tests."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from esm_core.answering.prompts import ANSWER_MARK, Item
+from esm_core.benchmark.loaders import cyp_task, drugcomb_task, gdsc2_task, molecule_protein_task, split_indices
+from esm_core.benchmark.tasks import MissingData, expand_names, load_task, load_tasks, task_table
 from esm_core.errors import ESMError
-from esm_core.prompts import ANSWER_MARK, Item
-from esm_core.tasks import (DATA_ENV, MissingData, cyp_task, default_data_dir, drugcomb_task, expand_names,
-                            gdsc2_task, load_task, load_tasks, molecule_protein_task, split_indices, task_table)
+from esm_core.paths import DATA_ENV, default_data_dir
 
 PROT = "MKTAYIAKQRQISFVKSHFSRQ"
 PROT2 = "MALWMRLLPLLALLALWGPDP"

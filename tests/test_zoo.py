@@ -5,7 +5,7 @@
 - files: size budget, safetensors only, standard loaders, tokenizer properties;
 - skills: every specialist beats the base on its own modality's held-out skills by >= 20 points
   and gains <= 5 points over the base on each other modality (label likelihood, a fixed subset);
-- METHOD.md Fig. 2: the last-block SWD matrix (specialists x modalities) is diagonal-dominant;
+- docs/METHOD.md section 8 (Fig. 2): the last-block SWD matrix (specialists x modalities) is diagonal-dominant;
 - no committed line of assets/ equals a line of the public data files.
 The zoo is loaded once per session; skill sets are small fixed subsets to keep the suite lean.
 """
@@ -18,14 +18,14 @@ import json
 import pytest
 import torch
 
-from esm_core.zoo import DEMO_DIR, ZOO_DIR
+from esm_core.paths import DEMO_DIR, ZOO_DIR
 
 MODS = ("molecule", "protein", "cell")
 
 
 @pytest.fixture(scope="session")
 def zoo():
-    from esm_core.zoo import load_zoo
+    from esm_core.zoo.load import load_zoo
 
     return load_zoo(ZOO_DIR)
 
@@ -93,7 +93,7 @@ def test_run_yaml_describes_the_zoo(zoo):
 
 @pytest.fixture(scope="session")
 def skill_report(zoo):
-    from esm_core.zoo import load_skill_sets, measure
+    from esm_core.zoo.load import load_skill_sets, measure
 
     spec, sset, enc = zoo
     sets = load_skill_sets(k=1, per_label=40)  # the sets SKILLS.md reports (small subsets are too noisy)
@@ -119,12 +119,12 @@ def test_specialist_gains_at_most_5_points_on_other_modalities(skill_report, spe
 @pytest.mark.parametrize("preset", ["reference", "paper"])  # standardised SWD or raw hidden states
 def test_fig2_distance_matrix_is_diagonal_dominant(zoo, preset):
     from esm_core.pipeline import Workspace, estimate
-    from esm_core.zoo import demo_spec
+    from esm_core.zoo.load import demo_spec
 
     spec, sset, enc = zoo
     ws = Workspace.from_spec(demo_spec(mode="layer", preset=preset), sset=sset)  # D does not depend on the mode
     res = estimate(ws)
-    assert res.probe_summary["n_probes"] == {"reference": 330, "paper": 110}[preset]  # METHOD.md section 2 table
+    assert res.probe_summary["n_probes"] == {"reference": 330, "paper": 110}[preset]  # docs/METHOD.md section 2 table
     D = res.layer.D[:, :, -1]
     own = [res.modalities.index(m) for m in res.own_modalities]
     for k, name in enumerate(res.specialists):
@@ -142,7 +142,7 @@ def test_committed_build_record_matches_demo_data():
 
 
 def test_no_committed_line_comes_from_public_data():
-    from esm_core.zoo.data import default_data_dir
+    from esm_core.paths import default_data_dir
 
     pub = default_data_dir() / "public"
     if not pub.is_dir():

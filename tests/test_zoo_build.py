@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from esm_core.errors import ESMError
-from esm_core.zoo import DEMO_DIR
+from esm_core.paths import DEMO_DIR
 from esm_core.zoo.data import load_demo
 from esm_core.zoo.facts import largest_fragment, mol_facts, protein_facts
 
@@ -81,7 +81,7 @@ def test_skills_balanced_heldout_and_mixed_prompts():
 
 
 def test_heldout_questions_use_heldout_samples_and_train_examples():
-    from esm_core.prompts import Item
+    from esm_core.answering.prompts import Item
     from esm_core.zoo.skills import heldout_skill_sets
 
     demo = load_demo()
@@ -111,7 +111,8 @@ def test_demo_split_is_disjoint_and_windows_come_from_heldout():
 
 
 def test_demo_data_is_reproduced_from_the_registry(tmp_path):
-    from esm_core.zoo.data import DEMO_FILES, default_data_dir, write_demo
+    from esm_core.paths import default_data_dir
+    from esm_core.zoo.data import DEMO_FILES, write_demo
 
     if not (default_data_dir() / "registry").is_dir():
         pytest.skip("shared registry data not present")
@@ -158,10 +159,10 @@ def test_generic_tasks_answer_what_they_claim():
 
 
 def test_tiny_zoo_builds_loads_and_answers(tmp_path):
-    from esm_core.prompts import Answerer
-    from esm_core.specialists import read_adapter
-    from esm_core.zoo import load_zoo
+    from esm_core.adapters import read_adapter
+    from esm_core.answering.answerer import Answerer
     from esm_core.zoo.build import ALL_TARGETS, BuildConfig, build_zoo
+    from esm_core.zoo.load import load_zoo
     from esm_core.zoo.skills import heldout_skill_sets
 
     cfg = BuildConfig.tiny()
@@ -209,11 +210,11 @@ def test_cli_refusals_are_one_line_errors(argv, msg, capsys):
 
 def test_text_encoder_separator_gives_one_token_per_residue_everywhere():
     """A protein shown "M K T ..." is tokenized the same way by the encoder, the Answerer and training."""
+    from esm_core.answering.prompts import Item
     from esm_core.encoders import TextEncoder, separated
     from esm_core.zoo.skills import shown_text
     from esm_core.zoo.tokenizer import train_tokenizer
     from esm_core.zoo.train import Tokens, sample_from_segments
-    from esm_core.prompts import Item
 
     seqs = ["MKTAYIAKQRQISFVKSHFSRQ", "MDEKRCLLGGAPW", "MSTNPKPQRKTKRNTNRRPQDVKFPGG"]
     tok = train_tokenizer([" ".join(s) for s in seqs] * 20 + ["Protein: the cell and the molecule"] * 20, vocab_size=300)
@@ -275,7 +276,7 @@ def test_molecule_encoder_pretraining_makes_facts_linearly_readable():
 def test_single_modality_training_questions_hold_only_the_asked_modality():
     """Specialist training mixes single-modality queries (BuildConfig.single_frac) into the mixed ones;
     the label is the same fact of the same sample either way."""
-    from esm_core.prompts import Item
+    from esm_core.answering.prompts import Item
     from esm_core.zoo.skills import SKILL_BY_NAME, demo_pools, sample_question
 
     pools = demo_pools(load_demo(), "train")

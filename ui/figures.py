@@ -2,7 +2,7 @@
 
 Every builder returns the figure and the data it shows as a tidy DataFrame, so that the page can
 offer both for download. Nothing here computes the method; it only lays out what esm_core returns.
-Reference figures: METHOD.md section 8 (Figs. 1/8, 2, 5, 6/9/10; Table 7).
+Reference figures: docs/METHOD.md section 8 (Figs. 1/8, 2, 5, 6/9/10; Table 7).
 """
 
 from __future__ import annotations

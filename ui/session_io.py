@@ -23,10 +23,15 @@ from pathlib import Path
 
 import streamlit as st
 
-from esm_core.config import run_spec_from_dict, run_spec_to_dict
+from esm_core.config import MethodConfig
 from esm_core.errors import ESMError
+from esm_core.pipeline import load_result, result_from_signals, signal_metadata, signal_tensors
+from esm_core.runspec import run_spec_from_dict, run_spec_to_dict
 
 from . import state
+from .roots import ROOT, check_spec_paths
+from .session import current
+from .widgets import guard
 
 SESSION_FORMAT = "esm_workbench.session/2"
 OLD_FORMATS = ("esm_workbench.session/1",)
@@ -34,8 +39,6 @@ MAX_SESSION_BYTES = 45 * 2**20  # under the server's upload limit (.streamlit/co
 
 
 def _session_parts(spec, cfg, samples: dict, res, include_states: bool):
-    from esm_core.pipeline import signal_metadata, signal_tensors
-
     if res is None:
         raise ESMError("There is nothing to save yet.", fix="run ES-Merging first.")
     meta = signal_metadata(res)
@@ -68,8 +71,6 @@ def read_session(data: bytes):
     """(spec, method config, samples, result) from session bytes; refuses anything else."""
     from safetensors import safe_open
 
-    from esm_core.config import MethodConfig
-    from esm_core.pipeline import load_result, result_from_signals
 
     if len(data) > MAX_SESSION_BYTES:
         raise ESMError(f"The session file is {len(data) / 2**20:.1f} MiB, over the {MAX_SESSION_BYTES // 2**20} MiB "
@@ -99,13 +100,9 @@ def read_session(data: bytes):
                 raise ESMError(f"The session file's signals are damaged or edited ({type(e).__name__}).",
                                fix="upload a file saved with 'Save session', unmodified.") from None
     spec_d, md, samples = (_json(meta, k) for k in ("session_spec", "session_method", "session_samples"))
-    spec = run_spec_from_dict(spec_d, base_dir=state.ROOT)
-    state.check_spec_paths(spec)  # every path a session names obeys the app's roots
-    if not isinstance(md, dict):
-        raise ESMError("The session file's method settings are not a mapping.", fix="save the session again.")
-    md = dict(md)
-    md.pop("overridden", None)
-    cfg = MethodConfig.from_preset(md.pop("preset", "reference"), **md)
+    spec = run_spec_from_dict(spec_d, base_dir=ROOT)
+    check_spec_paths(spec)  # every path a session names obeys the app's roots
+    cfg = MethodConfig.from_dict(md, "the session file's method settings")
     spec.method = cfg
     mods = [m.name for m in spec.modalities]
     if not isinstance(samples, dict) or sorted(samples) != sorted(mods) or not all(
@@ -132,8 +129,6 @@ def _mib(n: int) -> str:
 
 def session_panel() -> None:
     """The sidebar's Save / Load session controls."""
-    from .widgets import guard
-
     st.markdown("### Session")
     with guard():
         res = state.base_result()
@@ -156,8 +151,8 @@ def session_panel() -> None:
         up = st.file_uploader("Load session", type=["safetensors"], key="load_session",
                               help=f"A file saved with 'Save session' (up to {MAX_SESSION_BYTES // 2**20} MiB). "
                                    "Parsed without executing anything.")
-        if up is not None and st.session_state.get("_loaded_session") != up.file_id:
-            st.session_state["_loaded_session"] = up.file_id
+        if up is not None and current().loaded_file != up.file_id:
+            current().loaded_file = up.file_id
             restore_session(up.getvalue())
             st.success("Session loaded.")
 
@@ -168,4 +163,3 @@ def restore_session(data: bytes) -> None:
     state.set_samples(samples)
     state.set_method(cfg)
     state.set_loaded_result(res, key=f"session:{hashlib.sha256(data).hexdigest()[:16]}")
-    st.session_state["merges"] = {}

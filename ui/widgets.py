@@ -13,6 +13,7 @@ from esm_core.config import PRESETS, MethodConfig
 from esm_core.errors import Cancelled, ESMError
 
 from . import state
+from .session import current
 
 log = logging.getLogger("esm_workbench")
 
@@ -140,7 +141,7 @@ def run_button(label: str = "Run ES-Merging", key: str = "run") -> bool:
         res = state.run(progress)
         t = res.timings
         how = {"cached": "Loaded the result computed earlier", "joined": "Joined a run another session started",
-               }.get(st.session_state.get("run_source"), "Done")
+               }.get(current().run_source, "Done")
         status.update(label=f"{how}: computed in {t.get('estimate_total_s', 0):.1f} s "
                             f"(forward {t.get('forward_s', 0):.1f} s, gradients {t.get('backward_s', 0):.1f} s, "
                             f"SWD {t.get('swd_s', 0):.1f} s)", state="complete", expanded=False)

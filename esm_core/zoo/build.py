@@ -9,7 +9,7 @@ Steps (each seeded from ``BuildConfig.seed``):
    written) the protein sequences of ``public/dti`` and ``public/cyp``;
 2. a BPE tokenizer trained on the corpus (tokenizer.py);
 3. the base: a small ``LlamaForCausalLM`` pretrained on raw modality strings (alone and in the
-   probe layout), generic text, and generic few-shot binary tasks in the METHOD.md section 7
+   probe layout), generic text, and generic few-shot binary tasks in the docs/METHOD.md section 7
    format (generic.py) -- no biological question is ever asked of the base;
 4. the specialists, PEFT LoRA adapters with one rank on q, k, v, o, gate, up, down of every block,
    trained on skill prompts (skills.py) with 0-1 in-context examples, half of them mixed (the query
@@ -38,12 +38,28 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ESMError
-from ..prompts import Item, few_shot_prompt
-from . import data as zdata
-from .generic import GENERIC_TASKS, SYSTEMS, generic_sentence
-from .skills import MODALITIES, PREFIX, SEPARATOR, demo_pools, sample_question, shown_text, skills_of
-from .train import SoftModality, Tokens, sample_from_segments, train_loop
+from esm_core.answering.prompts import Example, Item, few_shot_prompt
+from esm_core.encoders import SoftTokenEncoder, SoftTokenProjector, morgan_fingerprint
+from esm_core.io import Input, package_versions, reserve_output
+from esm_core.models import prepare_transformers
+from esm_core.paths import DEMO_DIR
+from esm_core.zoo import data as zdata
+from esm_core.zoo.generic import GENERIC_TASKS, SYSTEMS, generic_sentence
+from esm_core.zoo.load import load_zoo
+from esm_core.zoo.report import skills_markdown
+from esm_core.zoo.scoring import measure_skills
+from esm_core.zoo.skills import (
+    MODALITIES,
+    PREFIX,
+    SEPARATOR,
+    demo_pools,
+    heldout_skill_sets,
+    sample_question,
+    shown_text,
+    skills_of,
+)
+from esm_core.zoo.tokenizer import train_tokenizer
+from esm_core.zoo.train import SoftModality, Tokens, sample_from_segments, train_loop
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -80,7 +96,7 @@ class BuildConfig:
     encoder_pretrain_steps: int = 300
     encoder_pretrain_lr: float = 3e-3
     # weight of the loss keeping the other modalities' token states (mixed prompts) as the base's: a
-    # specialist that never saw them would leave them alone (METHOD.md section 8, Fig. 2)
+    # specialist that never saw them would leave them alone (docs/METHOD.md section 8, Fig. 2)
     keep_weight: float = 1.0
     # share of training questions whose query holds only the asked modality. All-mixed training stayed
     # at chance on protein questions for hundreds of steps (the residues are 80 of ~290 tokens);
@@ -145,7 +161,6 @@ def training_pools(demo, cfg: BuildConfig, data_dir=None, log=print):
 def _generic_prompt(rng: random.Random, pools) -> tuple[list, str]:
     task = rng.choice(GENERIC_TASKS)
     param = task.param(rng) if task.param else None
-    from ..prompts import Example
 
     exs = []
     for _ in range(rng.randint(0, 4)):
@@ -229,7 +244,6 @@ def _sha_file(p: Path) -> str:
 def build_base(out: Path, pools, cfg: BuildConfig, progress=True, log=print) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .tokenizer import train_tokenizer
 
     t0 = time.perf_counter()
     tok = train_tokenizer(tokenizer_corpus(pools, cfg), vocab_size=cfg.vocab_size)
@@ -264,17 +278,14 @@ def build_base(out: Path, pools, cfg: BuildConfig, progress=True, log=print) -> 
 def _fresh_base(out: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..specialists import _quiet_transformers
 
-    _quiet_transformers()
+    prepare_transformers()
     lm = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(out / "base", local_files_only=True)
     return lm, tok
 
 
 def _morgan(cfg: BuildConfig):
-    from ..encoders import morgan_fingerprint
-
     return lambda s: morgan_fingerprint(s, radius=2, n_bits=cfg.morgan_bits)
 
 
@@ -282,7 +293,6 @@ def build_specialist(out: Path, modality: str, pools, cfg: BuildConfig, progress
     """Train one LoRA specialist (molecule: jointly with its soft-token encoder); save it under out."""
     from peft import LoraConfig, get_peft_model
 
-    from ..encoders import SoftTokenEncoder, SoftTokenProjector
 
     lm, tok = _fresh_base(out)
     for p in lm.parameters():
@@ -438,10 +448,9 @@ def build_zoo(out_dir: str | Path, cfg: BuildConfig | None = None, *, demo_dir: 
               data_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
               evaluate: bool = True, log=None) -> Path:
     """Build the whole zoo into out_dir (atomic); returns the directory."""
-    from ..io import Input, reserve_output
 
     cfg = cfg or BuildConfig()
-    demo_dir = Path(demo_dir) if demo_dir else zdata.DEMO_DIR
+    demo_dir = Path(demo_dir) if demo_dir else DEMO_DIR
     inputs = [Input(str(demo_dir), "demo data directory")]
     if data_dir:
         inputs.append(Input(str(data_dir), "data directory"))
@@ -472,9 +481,6 @@ def build_zoo(out_dir: str | Path, cfg: BuildConfig | None = None, *, demo_dir: 
         if evaluate:
             # measured through the ordinary loaders on the files just written
             _write_run_for_eval(tmp, demo_dir, cfg)
-            from . import load_zoo
-            from .skills import heldout_skill_sets, measure_skills
-            from .report import skills_markdown
 
             t1 = time.perf_counter()
             spec, sset, encoders = load_zoo(tmp)
@@ -508,14 +514,5 @@ def _dir_mb(p: Path) -> float:
 
 
 def _versions() -> dict:
-    from ..merge import package_versions
-
     return package_versions()
 
-
-def check_zoo_dir(zoo_dir: str | Path) -> Path:
-    d = Path(zoo_dir)
-    if not (d / "run.yaml").is_file():
-        raise ESMError(f"{str(d)!r} is not a zoo directory (no run.yaml).",
-                       fix="build one with `python -m esm_core zoo build --out DIR` or use assets/zoo.")
-    return d

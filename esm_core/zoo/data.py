@@ -17,18 +17,17 @@ The split is a seeded function of the registry files, so ``write_demo`` is repro
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from ..errors import ESMError
-from .facts import largest_fragment
+from esm_core.chem import heavy_atoms
+from esm_core.errors import ESMError
+from esm_core.paths import DEMO_DIR, resolve_data_dir
+from esm_core.zoo.facts import largest_fragment
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO_DIR = REPO / "assets" / "demo"
 SEED = 20260
 PROTEIN_SHOWN = 300  # residues of a protein shown in prompts (longer records: their first 300)
 WINDOW = 40  # residues of a protein probe window
@@ -41,18 +40,12 @@ T_CELL_TYPES = ("CD4+/CD25 T Reg", "CD8+ Cytotoxic T", "CD8+/CD45RA+ Naive Cytot
                 "CD4+/CD45RA+/CD25- Naive T")
 
 
-def default_data_dir() -> Path:
-    """``$ESM_DATA_DIR``, else ``../shared/data`` next to the repository."""
-    env = os.environ.get("ESM_DATA_DIR")
-    return Path(env) if env else (REPO.parent / "shared" / "data")
-
-
 def registry_dir(data_dir: str | Path | None = None) -> Path:
-    d = Path(data_dir) if data_dir else default_data_dir()
+    d = resolve_data_dir(data_dir)
     r = d / "registry"
     if not r.is_dir():
         raise ESMError(f"Data directory {str(d)!r} has no registry/ folder.",
-                       fix="pass --data pointing at the shared data directory (or set ESM_DATA_DIR).")
+                       fix="pass --data-dir pointing at the shared data directory (or set ESM_DATA_DIR).")
     return r
 
 
@@ -78,10 +71,7 @@ def _molecule_rows(reg: Path) -> list[dict]:
         s = largest_fragment(str(smiles))
         if s is None or s in seen:
             return
-        from rdkit import Chem
-
-        n = Chem.MolFromSmiles(s).GetNumHeavyAtoms()
-        if n > MAX_HEAVY_ATOMS:
+        if heavy_atoms(s) > MAX_HEAVY_ATOMS:
             return
         seen.add(s)
         rows.append(dict(smiles=s, source=source, ref=ref, hydration_free_energy=hfe))
@@ -112,7 +102,7 @@ def _split_molecules(rows: list[dict], seed: int) -> tuple[list[dict], list[dict
 
 def rdkit_nci_smiles() -> list[str]:
     """SMILES of RDKit's bundled NCI set (``rdkit/Data/NCI/first_5K.smi``), largest fragment, parsable."""
-    from rdkit import RDConfig
+    from rdkit import RDConfig  # lazy, as in esm_core.chem: RDKit is slow to import
 
     p = Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi"
     if not p.is_file():
@@ -180,7 +170,7 @@ def public_training_proteins(data_dir: str | Path | None = None, exclude: set[st
     Training material only: never written anywhere. Sequences in ``exclude`` (the held-out
     registry proteins) are dropped; so are those with non-standard letters. [] when public/ is absent.
     """
-    d = Path(data_dir) if data_dir else default_data_dir()
+    d = resolve_data_dir(data_dir)
     pub = d / "public"
     seqs: set[str] = set()
     if not pub.is_dir():

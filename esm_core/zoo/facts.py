@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from esm_core import chem
+
 # Kyte & Doolittle (1982) hydropathy scale.
 KYTE_DOOLITTLE = {
     "A": 1.8, "R": -4.5, "N": -3.5, "D": -3.5, "C": 2.5, "Q": -3.5, "E": -3.5, "G": -0.4, "H": -3.2, "I": 4.5,
@@ -30,17 +32,16 @@ _SMARTS = {
 
 @lru_cache(maxsize=None)
 def _patterns():
-    from rdkit import Chem
+    from rdkit import Chem  # lazy, as in esm_core.chem
 
     return {k: Chem.MolFromSmarts(v) for k, v in _SMARTS.items()}
 
 
 def largest_fragment(smiles: str) -> str | None:
     """Canonical SMILES of the largest fragment (salts and counter-ions dropped), None if unparsable."""
-    from rdkit import Chem, RDLogger
+    from rdkit import Chem  # lazy, as in esm_core.chem: RDKit is slow to import
 
-    RDLogger.DisableLog("rdApp.*")
-    mol = Chem.MolFromSmiles(smiles)
+    mol = chem.parse(smiles)
     if mol is None:
         return None
     frags = Chem.GetMolFrags(mol, asMols=True)
@@ -51,11 +52,9 @@ def largest_fragment(smiles: str) -> str | None:
 
 def mol_facts(smiles: str) -> dict:
     """RDKit descriptors and substructure flags of one molecule."""
-    from rdkit import Chem, RDLogger
-    from rdkit.Chem import Crippen, Descriptors, Lipinski, rdMolDescriptors
+    from rdkit.Chem import Crippen, Descriptors, Lipinski, rdMolDescriptors  # lazy, as in esm_core.chem
 
-    RDLogger.DisableLog("rdApp.*")
-    mol = Chem.MolFromSmiles(smiles)
+    mol = chem.parse(smiles)
     if mol is None:
         raise ValueError(f"unparsable SMILES {smiles!r}")
     mw = Descriptors.MolWt(mol)

@@ -1,6 +1,6 @@
 """Generic (non-biological) text and binary tasks for pretraining the zoo's base model.
 
-The base must learn the few-shot prompt format of METHOD.md section 7 (system line, question with
+The base must learn the few-shot prompt format of docs/METHOD.md section 7 (system line, question with
 the allowed answers, k examples, query, "Final answer: <label>") without learning any biology, so
 that querying it few-shot is meaningful and every biological skill has to come from a specialist.
 The tasks below are about numbers, words, lists and short sentences; several mirror the shape of

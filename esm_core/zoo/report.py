@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .skills import MODALITIES, SkillReport
+from esm_core.zoo.scoring import SkillReport, _render
+from esm_core.zoo.skills import MODALITIES
 
 
 def own_other(rep: SkillReport, how: str = "likelihood", base: str = "base") -> list[dict]:
@@ -23,8 +24,6 @@ def own_other(rep: SkillReport, how: str = "likelihood", base: str = "base") -> 
 
 
 def own_other_table(rep: SkillReport, how: str = "likelihood", fmt: str = "text") -> str:
-    from .skills import _render
-
     hdr = ["specialist", "own", "base on own", "gain", "other (mean)", "base on other", "max gain on other"]
     lines = [[r["specialist"], f"{100 * r['own']:.1f}", f"{100 * r['base_own']:.1f}", f"{100 * r['own_gain']:+.1f}",
               f"{100 * r['other']:.1f}", f"{100 * r['base_other']:.1f}", f"{100 * r['other_max_gain']:+.1f}"]

@@ -19,7 +19,18 @@ from pathlib import Path
 
 import torch
 
-from .skills import MODALITIES, SkillReport, _render
+from esm_core.adapters import merged_config
+from esm_core.coefficients import combine
+from esm_core.config import MethodConfig
+from esm_core.io import Input, reserve_output
+from esm_core.merging.base import MergeContext
+from esm_core.merging.registry import get_method
+from esm_core.paths import ZOO_DIR
+from esm_core.pipeline import Workspace, estimate
+from esm_core.zoo.load import demo_spec, load_skill_sets, load_zoo
+from esm_core.zoo.report import own_other_table
+from esm_core.zoo.scoring import SkillReport, _render, measure_skills
+from esm_core.zoo.skills import MODALITIES
 
 PRESETS = ("reference", "paper")
 MODES = ("combined", "layer", "element")
@@ -27,9 +38,6 @@ MODES = ("combined", "layer", "element")
 
 def merged_models(ws, *, presets=PRESETS, modes=MODES, progress=None) -> tuple[list[str], dict]:
     """Add ES (presets x modes) and average merges to ws.sset as extra adapters; returns names and info."""
-    from ..config import MethodConfig
-    from ..merge import MergeContext, get_method, merged_config
-    from ..pipeline import estimate
 
     sset = ws.sset
     template = sset.adapters[sset.names[0]]
@@ -60,8 +68,6 @@ def merged_models(ws, *, presets=PRESETS, modes=MODES, progress=None) -> tuple[l
 
 
 def _mean_lambda(res, mode: str) -> list[float]:
-    from ..coefficients import combine
-
     if mode == res.config.mode:
         lam = res.lam
     elif mode == "layer":
@@ -100,8 +106,6 @@ def retention_table(rep: SkillReport, merged: list[str], how: str = "likelihood"
 
 
 def results_markdown(rep: SkillReport, merged: list[str], info: dict, *, k: int, per_label: int) -> str:
-    from .report import own_other_table
-
     est = info["estimation"]
     n_q = sum(r["n"] for r in rep.rows if r["model"] == "base")
     out = [
@@ -138,7 +142,7 @@ def results_markdown(rep: SkillReport, merged: list[str], info: dict, *, k: int,
         D = e["D_last"]
         out += [f"Preset `{preset}`: {e['probes']} probes, estimation {e['seconds']:.1f} s "
                 "(this run; see bench/bench_zoo_estimate.py for the timing benchmark).", "",
-                "SWD at the last block (METHOD.md Fig. 2; rows = specialists, columns = probe modalities):", "",
+                "SWD at the last block (docs/METHOD.md section 8 (Fig. 2); rows = specialists, columns = probe modalities):", "",
                 _render(["specialist", *MODALITIES], [[n, *[f"{v:.3f}" for v in row]] for n, row in zip(MODALITIES, D)],
                         "markdown"), "",
                 "Layer coefficient alpha (rows = specialists, columns = blocks):", "",
@@ -157,8 +161,6 @@ def results_markdown(rep: SkillReport, merged: list[str], info: dict, *, k: int,
 def run_results(zoo_dir: str | Path | None = None, out_path: str | Path | None = None, *, k: int = 1,
                 per_label: int = 40, progress=None, overwrite: bool = False) -> tuple[SkillReport, dict, Path]:
     """Estimate, merge, score; write RESULTS.md (default: inside the zoo directory)."""
-    from ..io import Input, reserve_output
-    from . import ZOO_DIR, demo_spec
 
     zoo = Path(zoo_dir) if zoo_dir else ZOO_DIR
     out = Path(out_path) if out_path else zoo / "RESULTS.md"
@@ -169,10 +171,6 @@ def run_results(zoo_dir: str | Path | None = None, out_path: str | Path | None =
 
 
 def _results(zoo: Path, *, k: int, per_label: int, progress):
-    from ..pipeline import Workspace
-    from . import load_skill_sets, load_zoo
-    from .skills import measure_skills
-
     spec, sset, encoders = load_zoo(zoo)
     ws = Workspace.from_spec(spec, sset=sset)
     merged, info = merged_models(ws, progress=progress)

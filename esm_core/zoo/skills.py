@@ -3,7 +3,7 @@
 A skill is a question with two labels whose answer is a fact about one sample (see facts.py):
 RDKit descriptors and substructures or a FreeSolv measurement for molecules, sequence-derived
 facts or a Swiss-Prot keyword for proteins, a PBMC cell type or a GDSC expression fact for cells.
-Every question is asked in a MIXED-modality prompt (METHOD.md section 7 format): the query holds a
+Every question is asked in a MIXED-modality prompt (docs/METHOD.md section 7 format): the query holds a
 molecule, a protein and a cell, the question asks about one of them, and k in-context examples
 show the asked modality with its label.
 
@@ -19,25 +19,34 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
 
-from ..encoders import separated
-from ..errors import ESMError
-from ..prompts import Answerer, Example, Item, Prompt, few_shot_prompt, parse_answer
-from .facts import genes_of, mol_facts, protein_facts
+from esm_core.answering.prompts import Example, Item, Prompt, few_shot_prompt
+from esm_core.encoders import separated
+from esm_core.errors import ESMError
+from esm_core.zoo.facts import genes_of, mol_facts, protein_facts
 
 MODALITIES = ("molecule", "protein", "cell")
+
+
 FIELD = {"molecule": "Molecule", "protein": "Protein", "cell": "Cell"}
+
+
 PREFIX = {m: f"{FIELD[m]}: " for m in MODALITIES}
+
+
 SYSTEM = {
     "molecule": "You are an expert medicinal chemist. Answer the question about the molecule of the query.",
     "protein": "You are an expert protein biochemist. Answer the question about the protein of the query.",
     "cell": "You are an expert in cell biology and cancer cell lines. Answer the question about the cell of the query.",
 }
+
+
 YES_NO = ("Yes", "No")
+
+
 # how the zoo's text encoders show a modality: proteins one residue per token ("M K T ..."), the
 # `separator` option of the protein's text encoder in run.yaml; the training code uses the same
 SEPARATOR = {"protein": " "}
@@ -141,6 +150,8 @@ SKILLS: tuple[Skill, ...] = (
     Skill("cell_primary", "cell", "Is this a primary blood cell rather than a cancer cell line?", _primary,
           "PBMC 68k vs GDSC cell line"),
 )
+
+
 # Harder questions kept for users of bigger models (ask them on the Query page or pass them to
 # heldout_skill_sets(skills=...)): a gene lookup in a ranked list, composition thresholds of a sequence
 # (net charge, GRAVY, ...), a sequence motif, a Swiss-Prot keyword, a rare PBMC type. The tiny zoo
@@ -175,6 +186,8 @@ EXTRA_SKILLS: tuple[Skill, ...] = (
     Skill("cell_male", "cell", "Is the Y-chromosome gene RPS4Y1 among the cell line's top-ranked genes?",
           _gdsc_gene("RPS4Y1"), "GDSC expression"),
 )
+
+
 SKILL_BY_NAME = {s.name: s for s in SKILLS + EXTRA_SKILLS}
 
 
@@ -307,102 +320,3 @@ def heldout_skill_sets(demo, *, k: int = 1, per_label: int = 40, seed: int = 0,
         prompts = [_question(s, held, i, w, rng, k, train) for i, w in chosen]
         out[s.name] = SkillSet(s, prompts)
     return out
-
-
-# ------------------------------------------------------------------------------------ scoring
-@dataclass
-class SkillReport:
-    """Accuracies per (model, skill) by label likelihood and by generation + parsing."""
-
-    rows: list[dict]
-    seconds: float = 0.0
-
-    def models(self) -> list[str]:
-        return list(dict.fromkeys(r["model"] for r in self.rows))
-
-    def accuracy(self, model: str, modality: str | None = None, how: str = "likelihood",
-                 skill: str | None = None) -> float:
-        """Mean accuracy over the skills of a modality (each skill weighs the same)."""
-        key = "acc_likelihood" if how == "likelihood" else "acc_generation"
-        vals = [r[key] for r in self.rows if r["model"] == model and r.get(key) is not None
-                and (modality is None or r["modality"] == modality) and (skill is None or r["skill"] == skill)]
-        if not vals:
-            raise KeyError(f"no {how} scores for {model!r} / {modality!r}")
-        return sum(vals) / len(vals)
-
-    def by_modality(self, how: str = "likelihood") -> dict[str, dict[str, float]]:
-        return {m: {mod: self.accuracy(m, mod, how) for mod in MODALITIES} for m in self.models()}
-
-    def table(self, how: str = "likelihood", fmt: str = "text") -> str:
-        """Models x modalities (mean accuracy over each modality's skills, in %)."""
-        hdr = ["model", *MODALITIES, "mean"]
-        lines = []
-        for m in self.models():
-            acc = [100 * self.accuracy(m, mod, how) for mod in MODALITIES]
-            lines.append([m, *[f"{a:.1f}" for a in acc], f"{sum(acc) / len(acc):.1f}"])
-        return _render(hdr, lines, fmt)
-
-    def skill_table(self, how: str = "likelihood", fmt: str = "text") -> str:
-        """Skills x models accuracy in %, with the number of questions."""
-        models = self.models()
-        skills = list(dict.fromkeys(r["skill"] for r in self.rows))
-        key = "acc_likelihood" if how == "likelihood" else "acc_generation"
-        lines = []
-        for s in skills:
-            rs = {r["model"]: r for r in self.rows if r["skill"] == s}
-            n = next(iter(rs.values()))["n"]
-            lines.append([s, str(n), *[f"{100 * rs[m][key]:.1f}" if m in rs and rs[m].get(key) is not None else "-"
-                                       for m in models]])
-        return _render(["skill", "n", *models], lines, fmt)
-
-    def unparsed(self, model: str) -> int:
-        return sum(r.get("unparsed", 0) for r in self.rows if r["model"] == model)
-
-
-def _render(hdr, lines, fmt):
-    if fmt == "markdown":
-        out = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
-        out += ["| " + " | ".join(l) + " |" for l in lines]
-        return "\n".join(out)
-    w = [max(len(str(x)) for x in col) for col in zip(hdr, *lines)]
-    fmt_row = lambda r: "  ".join(str(x).rjust(wi) if i else str(x).ljust(wi) for i, (x, wi) in enumerate(zip(r, w)))  # noqa: E731
-    return "\n".join([fmt_row(hdr), *[fmt_row(l) for l in lines]])
-
-
-def measure_skills(sset, encoders: dict, skill_sets: dict[str, SkillSet], models: list[str | None], *,
-                   methods: tuple[str, ...] = ("likelihood", "generation"), limit: int | None = None,
-                   batch_size: int = 16, progress: Callable[[str, float], None] | None = None) -> SkillReport:
-    """Score each model (None = base, else an adapter name) on every skill set.
-
-    likelihood: the label with the higher log p(label | prompt) (Answerer.label_logprobs);
-    generation: greedy continuation parsed by parse_answer (unparsed counts as wrong).
-    ``limit`` keeps the first n questions of each set (they are shuffled and balanced up to n).
-    """
-    bad = [m for m in methods if m not in ("likelihood", "generation")]
-    if bad:
-        raise ESMError(f"Unknown scoring method(s) {bad}.", fix="use 'likelihood' and/or 'generation'.")
-    t0 = time.perf_counter()
-    qa = Answerer(sset, encoders)
-    rows = []
-    total = len(models) * len(skill_sets)
-    done = 0
-    for model in models:
-        name = "base" if model is None else model
-        for sname, ss in skill_sets.items():
-            prompts = ss.prompts[:limit] if limit else ss.prompts
-            gold = [p.answer for p in prompts]
-            row = dict(model=name, skill=sname, modality=ss.skill.modality, n=len(prompts))
-            if "likelihood" in methods:
-                lp = qa.label_logprobs(prompts, model, batch_size=batch_size)
-                pred = [p.labels[int(i)] for p, i in zip(prompts, lp.argmax(1).tolist())]
-                row["acc_likelihood"] = sum(a == b for a, b in zip(pred, gold)) / len(gold)
-            if "generation" in methods:
-                texts = qa.generate(prompts, model, max_new_tokens=4, batch_size=batch_size)
-                parsed = [parse_answer(t, p.labels) for t, p in zip(texts, prompts)]
-                row["acc_generation"] = sum(a == b for a, b in zip(parsed, gold)) / len(gold)
-                row["unparsed"] = sum(a is None for a in parsed)
-            rows.append(row)
-            done += 1
-            if progress:
-                progress(f"skills: {name} {sname}", done / total)
-    return SkillReport(rows, time.perf_counter() - t0)

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..prompts import Item
-from .skills import shown_text
+from esm_core.answering.prompts import Item
+from esm_core.zoo.skills import shown_text
 
 
 class Tokens:
@@ -171,7 +171,7 @@ def batch_loss(lm, samples: list[Sample], soft: dict[str, SoftModality], *, lm_f
     the others alone, like a specialist that never saw them. The distance is in units of the base
     states' spread, per modality and block: the mean over tokens and dimensions of
     (h - h_base)^2 / var_base, with var_base the per-dimension variance of the batch's base states of
-    that modality -- the scale that the standardised SWD of METHOD.md (reference preset) sees. (A
+    that modality -- the scale that the standardised SWD (docs/METHOD.md section 2; reference preset) sees. (A
     distance relative to each token's norm let the cell specialist move the residue tokens, whose
     states vary little, further than its own.) ``keep`` entries are matched by position in
     Sample.keep, so all samples of a batch must list the kept modalities in the same order.
