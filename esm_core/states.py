@@ -29,9 +29,10 @@ class BlockCapture:
     gives d d_l / d theta_l for every l at once (docs/METHOD.md section 3, step 2).
     """
 
-    def __init__(self, blocks, detach_inputs: bool = False):
+    def __init__(self, blocks, detach_inputs: bool = False, on_block=None):
         self.blocks = blocks
         self.detach_inputs = detach_inputs
+        self.on_block = on_block  # called with (l, output of block l) as each block finishes
         self.outputs: list[torch.Tensor | None] = [None] * len(blocks)
         self._handles = []
 
@@ -49,7 +50,15 @@ class BlockCapture:
 
     def _out_hook(self, l: int):
         def hook(module, args, output):
-            self.outputs[l] = output[0] if isinstance(output, (tuple, list)) else output
+            h = output[0] if isinstance(output, (tuple, list)) else output
+            if self.on_block is None:
+                self.outputs[l] = h
+                return None
+            # streaming: the block's work is done here (e.g. its backward); what goes on is detached,
+            # so this block's autograd graph is freed before the next block runs
+            self.on_block(l, h)
+            self.outputs[l] = h = h.detach()
+            return (h, *output[1:]) if isinstance(output, (tuple, list)) else h
         return hook
 
     @staticmethod
@@ -63,24 +72,30 @@ class BlockCapture:
         return None
 
 
-def forward_blocks(sset, batch: Batch, detach_inputs: bool = False, grad_prefix: int | None = None) -> list[torch.Tensor]:
+def forward_blocks(sset, batch: Batch, detach_inputs: bool = False, grad_prefix: int | None = None,
+                   on_block=None) -> list[torch.Tensor]:
     """[input embeddings, block 1 output, ..., block L output] for the currently active model.
 
     ``grad_prefix=e``: only positions < e need gradients (the tokens whose distances are
     differentiated end there). The prefix runs with autograd and a KV cache, the rest continues from
     that cache without building a graph; outputs are identical, the backward covers the prefix only.
+
+    ``on_block(l, h)`` (block streaming): called with block l's output (positions < e) as soon as the
+    block has run, with the graph back to that block's parameters only (inputs are detached); the
+    outputs are returned detached, so at most one block's graph exists at a time.
     """
     # The decoder without its LM head: block outputs are all we need, the vocabulary projection is not.
     decoder = sset.lm.get_decoder() if hasattr(sset.lm, "get_decoder") else sset.lm
     x, mask = batch.inputs_embeds, batch.attention_mask
     T = x.shape[1]
-    with BlockCapture(sset.blocks, detach_inputs=detach_inputs) as cap:
+    with BlockCapture(sset.blocks, detach_inputs=detach_inputs, on_block=on_block) as cap:
         if grad_prefix is None or not 0 < grad_prefix < T or not torch.is_grad_enabled():
             decoder(inputs_embeds=x, attention_mask=mask, use_cache=False)
             return [x, *cap.outputs]
         e = int(grad_prefix)
         out = decoder(inputs_embeds=x[:, :e], attention_mask=mask[:, :e], use_cache=True)
         first = list(cap.outputs)
+        cap.on_block = None  # the rest of the sequence needs no gradient
         with torch.no_grad():
             decoder(inputs_embeds=x[:, e:], attention_mask=mask, past_key_values=out.past_key_values,
                     use_cache=True)

@@ -1,9 +1,12 @@
 """The one pass over the probes that yields every embedding-space signal (docs/METHOD.md sections 1-3).
 
 Per batch: one no-grad forward of the base (adapters disabled) captures H^B; then for each
-specialist one forward with block inputs detached captures H^k, and one backward per element-signal
-modality gives the unit-wise absolute gradients of every LoRA factor (grads.PerUnitAbsGrad). The
-base forward is shared by all specialists, the model exists once, and no step loops over samples.
+specialist one forward with block inputs detached captures H^k and, block by block as the forward
+goes (block streaming), one backward per element-signal modality of that block's loss gives the
+unit-wise absolute gradients of the block's LoRA factors (grads.PerUnitAbsGrad). So the autograd
+graph of one block exists at a time, whatever the depth; the batch's block outputs (no graph) are
+kept for pooling. The base forward is shared by all specialists, the model exists once, and no
+step loops over samples.
 
     sig = compute_signals(sset, batcher, cfg, progress=print_progress)
     sig.states.pooled["molecule"]    # [K+1, L+1, N, d]: base first, then the specialists
@@ -41,36 +44,37 @@ def element_modalities(sset, cfg, name: str) -> list[str]:
     return None  # all
 
 
-def element_losses(outs, base_outs, batch, mods: list[str], cfg, unit: torch.Tensor) -> list[torch.Tensor]:
-    """One scalar loss per modality; its per-unit gradients are the element signal of that modality.
+def layer_losses(h: torch.Tensor, base_h: torch.Tensor, masks: dict, mods: list[str], cfg,
+                 unit: torch.Tensor) -> list[torch.Tensor]:
+    """The element-signal loss of ONE block, one scalar per modality (the loss of a modality is the sum
+    of these over blocks, and block l's parameters see only block l's term: inputs are detached).
 
-    frobenius: loss_m = sum_i sum_l ||H^k_{m,l}(i) - H^B_{m,l}(i)||_F         (paper, per sample)
-    mse:       loss_m = sum_units mean_{tokens of m in unit, dims} (H^k - H^B)^2, summed over l
-               (reference code: the mean squared difference of a mini-batch, per layer)
+    frobenius: loss_{m,l} = sum_i ||H^k_{m,l}(i) - H^B_{m,l}(i)||_F           (paper, per sample)
+    mse:       loss_{m,l} = sum_units mean_{tokens of m in unit, dims} (H^k - H^B)^2
+               (reference code: the mean squared difference of a mini-batch)
+    ``h``/``base_h`` [b, e, d] and the masks cover the same first e positions.
     """
     losses = []
-    d = outs[1].shape[-1]
-    acc = torch.promote_types(outs[1].dtype, torch.float32)  # float32, or float64 for float64 models
+    d = h.shape[-1]
+    acc = torch.promote_types(h.dtype, torch.float32)  # float32, or float64 for float64 models
     for m in mods:
-        mask = batch.masks[m]
+        mask = masks[m]
         if not bool(mask.any()):
             continue
-        maskf = mask.unsqueeze(-1).to(acc)
-        per_layer = []
-        for l in range(1, len(outs)):
-            diff = (outs[l].to(acc) - base_outs[l].to(acc)) * maskf
-            per_layer.append(diff.pow(2).sum(dim=(1, 2)))  # [b]
-        sq = torch.stack(per_layer)  # [L, b]
+        diff = (h.to(acc) - base_h.to(acc)) * mask.unsqueeze(-1).to(acc)
+        sq = diff.pow(2).sum(dim=(1, 2))  # [b]
         if cfg.element_signal == "frobenius":
-            per_sample = sq.clamp_min(_TINY).sqrt().sum(0)
+            per_sample = sq.clamp_min(_TINY).sqrt()
         else:
             ntok = mask.sum(1).to(acc)  # [b]
             valid = unit >= 0
             n_units = int(unit.max()) + 1 if bool(valid.any()) else 0
-            tok_unit = torch.zeros(n_units, device=ntok.device, dtype=acc).index_add_(0, unit[valid].to(ntok.device), ntok[valid])
-            denom = torch.where(valid.to(ntok.device), tok_unit[unit.clamp_min(0).to(ntok.device)], torch.ones_like(ntok))
+            tok_unit = torch.zeros(n_units, device=ntok.device, dtype=acc).index_add_(
+                0, unit[valid].to(ntok.device), ntok[valid])
+            denom = torch.where(valid.to(ntok.device), tok_unit[unit.clamp_min(0).to(ntok.device)],
+                                torch.ones_like(ntok))
             w = torch.where(denom > 0, 1.0 / (denom.clamp_min(1) * d), torch.zeros_like(denom))
-            per_sample = sq.sum(0) * w
+            per_sample = sq * w
         losses.append(per_sample.sum())
     return losses
 
@@ -136,19 +140,27 @@ def compute_signals(sset, batcher: ProbeBatcher, cfg, *, need_element: bool = Tr
                         ts = time.perf_counter()
                         gr = grads[n]
                         gr.arm()
-                        with torch.enable_grad():
-                            outs = forward_blocks(sset, batch, detach_inputs=True,
-                                                  grad_prefix=grad_prefix(batch, mods_of[n]))
-                            col.add(n, batch, outs)
-                            t_fwd += time.perf_counter() - ts
-                            ts = time.perf_counter()
-                            gr.set_units(unit, n_units)
-                            losses = element_losses(outs, base_outs, batch, mods_of[n], cfg, unit)
+                        gr.set_units(unit, n_units)
+                        e = grad_prefix(batch, mods_of[n]) or batch.inputs_embeds.shape[1]
+                        masks = {m: batch.masks[m][:, :e] for m in mods_of[n]}
+                        clock = {"bwd": 0.0}
+
+                        def backward_now(l, h, gr=gr, masks=masks, e=e, mods=mods_of[n], clock=clock):
+                            # block streaming: this block's loss and backward now, then its graph is freed
+                            tb = time.perf_counter()
+                            losses = layer_losses(h[:, :e], base_outs[l + 1][:, :e], masks, mods, cfg, unit)
                             for i, loss in enumerate(losses):
                                 torch.autograd.grad(loss, gr.params, retain_graph=i < len(losses) - 1,
                                                     allow_unused=True)
-                            del outs, losses
-                            t_bwd += time.perf_counter() - ts
+                            clock["bwd"] += time.perf_counter() - tb
+
+                        with torch.enable_grad():
+                            outs = forward_blocks(sset, batch, detach_inputs=True, grad_prefix=e,
+                                                  on_block=backward_now)
+                        col.add(n, batch, outs)
+                        del outs
+                        t_bwd += clock["bwd"]
+                        t_fwd += time.perf_counter() - ts - clock["bwd"]
                     else:
                         ts = time.perf_counter()
                         with torch.no_grad():
