@@ -4,20 +4,24 @@ docs/METHOD.md section 0: a modality encoder E_m maps a raw input to token embed
 into the probe. The SAME encoder feeds the base and every specialist, so differences downstream come
 from the adapters alone.
 
-Built in:
+Built in, listed in one explicit table (``_ENCODERS`` at the bottom; this module imports the
+implementations, nothing registers itself by being imported):
 - ``text``: the LLM's own tokenizer + input embeddings (how the paper feeds a modality a model does
   not natively support, and how a text-only specialist such as Cell-o1 sees cells);
 - ``soft_token``: a feature function (e.g. an RDKit Morgan fingerprint) followed by a small MLP
-  loaded from safetensors, giving a fixed number of tokens (like Mol-LLaMA's query tokens).
+  loaded from safetensors, giving a fixed number of tokens (like Mol-LLaMA's query tokens);
+- ``esm2``: an ESM-2 protein language model + Prot2Text-V2's projector, one token per residue
+  (esm_core/bio_encoders.py);
+- ``precomputed``: soft tokens computed elsewhere (Mol-LLaMA's query tokens from Uni-Mol), read
+  from a safetensors file keyed by sample id (esm_core/bio_encoders.py).
 
-Plug in your own (ESM2 + projector, a graph encoder) without editing the core:
+A plug-in of your own is added at run time by an explicit call:
 
     from esm_core.encoders import register_encoder
-    @register_encoder("esm2")
-    def make(spec, sset):            # spec: config.EncoderSpec, sset: SpecialistSet
-        return MyEncoder(...)        # has .encode(raw) -> Tensor[n, d] and .tokens(raw) -> list[str]
+    register_encoder("graph")(make)   # make(spec, sset) -> encoder with .encode(raw) -> Tensor[n, d]
+                                      # and .tokens(raw) -> list[str]; spec: runspec.EncoderSpec
 
-Feature functions for soft-token encoders are registered likewise with ``register_feature``.
+Feature functions for soft-token encoders are added likewise with ``register_feature``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from esm_core import chem
+from esm_core.bio_encoders import make_esm2, make_precomputed
 from esm_core.errors import ESMError
 
 ENCODER_CONFIG = "encoder_config.json"
@@ -50,10 +55,7 @@ class ModalityEncoder(Protocol):
 
 
 # ------------------------------------------------------------------------------------ registries
-_ENCODERS: dict[str, Callable] = {}
-_FEATURES: dict[str, Callable[..., np.ndarray]] = {}
-
-
+# The built-in tables are filled at the bottom of this module, after the implementations.
 def register_encoder(name: str):
     def deco(factory):
         _ENCODERS[name] = factory
@@ -129,7 +131,6 @@ class TextEncoder:
         return bool(self.max_tokens) and len(self._cache[raw]) > self.max_tokens
 
 
-@register_encoder("text")
 def _make_text(spec, sset):
     sep = spec.options.get("separator")
     if sep is not None and not isinstance(sep, str):
@@ -138,7 +139,6 @@ def _make_text(spec, sset):
 
 
 # ------------------------------------------------------------------------------------ features
-@register_feature("morgan")
 def morgan_fingerprint(raw: str, radius: int = 2, n_bits: int = 2048, counts: bool = False) -> np.ndarray:
     """RDKit Morgan fingerprint of a SMILES as a float vector (bits, or log1p counts)."""
     v = np.asarray(chem.fingerprint_array(raw, int(radius), int(n_bits), counts), dtype=np.float32)
@@ -148,7 +148,6 @@ def morgan_fingerprint(raw: str, radius: int = 2, n_bits: int = 2048, counts: bo
 _AA = "ACDEFGHIKLMNPQRSTVWY"
 
 
-@register_feature("aa_composition")
 def aa_composition(raw: str, dipeptides: bool = True) -> np.ndarray:
     """Amino-acid (and dipeptide) composition of a protein sequence: a cheap ESM stand-in."""
     seq = "".join(c for c in raw.upper() if c in _AA)
@@ -256,6 +255,18 @@ class SoftTokenEncoder:
         return cls(cfg.get("feature", "morgan"), cfg.get("feature_args", {}), pr, cfg.get("label", "tok"))
 
 
-@register_encoder("soft_token")
 def _make_soft(spec, sset):
     return SoftTokenEncoder.load(spec.path, device=sset.device, dtype=sset.dtype, expect_d_model=sset.hidden_size)
+
+
+# ------------------------------------------------------------------------------------ the tables
+_ENCODERS: dict[str, Callable] = {
+    "text": _make_text,
+    "soft_token": _make_soft,
+    "esm2": make_esm2,
+    "precomputed": make_precomputed,
+}
+_FEATURES: dict[str, Callable[..., np.ndarray]] = {
+    "morgan": morgan_fingerprint,
+    "aa_composition": aa_composition,
+}

@@ -31,6 +31,7 @@ from esm_core.coefficients import (
     swd_matrix,
 )
 from esm_core.config import MethodConfig, changed_fields, fields_of_stage, stage_of_change
+from esm_core.cost import Cost, estimate_cost
 from esm_core.encoders import build_encoder
 from esm_core.errors import ESMError
 from esm_core.models import SpecialistSet, load_models
@@ -58,6 +59,7 @@ class ESResult:
     probe_summary: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     scores: dict[str, dict[LoraKey, torch.Tensor]] | None = None  # raw g per specialist (same data as element.g)
+    cost: dict = field(default_factory=dict)  # the estimate made before the run (esm_core.cost)
 
     @property
     def num_layers(self) -> int:
@@ -136,11 +138,25 @@ def read_probe_samples(spec: RunSpec) -> dict[str, list]:
 
 
 # ------------------------------------------------------------------------------------ estimate
+def cost_of(ws: Workspace, cfg: MethodConfig | None = None) -> Cost:
+    """What estimate(ws, cfg) will cost on the model's device (esm_core/cost.py): no pass is run."""
+    cfg = cfg or ws.spec.method
+    batcher = ws.batcher(cfg)
+    sset = ws.sset
+    template = sset.adapters[sset.names[0]]
+    lengths = batcher.lengths or [1]
+    return estimate_cost(sset.lm.config, n_specialists=len(sset.names), rank=template.rank,
+                         n_targets=len({m for _, m in template.modules()}), n_probes=len(lengths),
+                         mean_tokens=sum(lengths) / len(lengths), batch_size=cfg.batch_size,
+                         dtype_bytes=torch.finfo(sset.dtype).bits // 8, device=sset.device)
+
+
 def estimate(ws: Workspace, cfg: MethodConfig | None = None, *, progress: ProgressFn | None = None) -> ESResult:
     """Full ES-Merging coefficient estimation on a workspace."""
     cfg = cfg or ws.spec.method
     t_ask = time.perf_counter()
     with ws.sset.exclusive("estimation"):  # the probes and encoders of this config, then the passes
+        cost = cost_of(ws, cfg)
         t0 = time.perf_counter()
         batcher = ws.batcher(cfg)
         need_element = cfg.mode != "layer"
@@ -153,6 +169,7 @@ def estimate(ws: Workspace, cfg: MethodConfig | None = None, *, progress: Progre
                              max_probe_length=max(batcher.lengths) if batcher.lengths else 0)
     res.timings["estimate_total_s"] = time.perf_counter() - t0  # the work, without the wait for the model
     res.timings["model_wait_s"] = t0 - t_ask
+    res.cost = cost.record()
     if progress:
         progress("done", 1.0)
     return res

@@ -29,13 +29,16 @@ MODALITY_KINDS = ("smiles", "protein", "genes", "text")
 # The run: base, specialists, modalities.
 
 Path_ = Annotated[str, Field(strict=True, min_length=1, max_length=4096)]
+ENCODER_FILE_OPTIONS = ("esm", "projector", "file")  # encoder options that name files (esm_core/bio_encoders.py)
 
 
 @dataclass(config=_STRICT)
 class EncoderSpec:
     type: Name = setting("text", "Encoder type from the registry: 'text' (LLM tokenizer + input embeddings), "
-                    "'soft_token' (feature function + MLP from safetensors), or a registered plug-in.", rule=NAME_RULE)
-    path: Optional[Path_] = setting(None, "Directory of the encoder's weights and encoder_config.json (soft_token).")
+                    "'soft_token' (feature function + MLP from safetensors), 'esm2' (a local ESM2 model + projector), "
+                    "'precomputed' (soft tokens by sample id from safetensors), or a registered plug-in.", rule=NAME_RULE)
+    path: Optional[Path_] = setting(None, "Directory of the encoder's files (soft_token, esm2, precomputed); it "
+                                    "travels with a merged model.")
     options: Optional[dict[str, Any]] = setting(None, "Extra keyword arguments for the encoder factory.")
 
     def __post_init__(self):
@@ -110,6 +113,20 @@ class RunSpec:
                                "needs each specialist's own modality.",
                                fix="set 'modality:' for every specialist, or element_modalities: all.")
 
+    @staticmethod
+    def encoder_files(m: "ModalitySpec") -> list[tuple[str, str]]:
+        """(path, role) of the files an encoder's options name (esm2's model and projector, precomputed's
+        token file); relative ones are relative to the encoder's path."""
+        out = []
+        for key in ENCODER_FILE_OPTIONS:
+            v = (m.encoder.options or {}).get(key)
+            if isinstance(v, str) and v:
+                q = Path(v).expanduser()
+                if not q.is_absolute() and m.encoder.path:
+                    q = Path(m.encoder.path) / q
+                out.append((str(q), f"encoder {key} of modality {m.name!r}"))
+        return out
+
     def input_paths(self) -> list[tuple[str, str]]:
         """(path, role) of every file or directory this run reads: what an output must never touch."""
         out = [(self.base, "base model")]
@@ -117,6 +134,7 @@ class RunSpec:
         for m in self.modalities:
             if m.encoder.path:
                 out.append((m.encoder.path, f"encoder of modality {m.name!r}"))
+            out += self.encoder_files(m)
             if m.data is not None and m.data.path:
                 out.append((m.data.path, f"probe data of modality {m.name!r}"))
         if self.source:

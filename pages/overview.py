@@ -42,6 +42,7 @@ with guard():
     st.subheader("Run")
     st.caption("Runs the full estimation on the current selection with a live progress display. "
                "Clicking anything else while it runs cancels it.")
+    st.caption("Before you run: " + state.run_cost().summary() + " (a lower bound from the device's peak).")
     run_button()
 
     res = state.result()

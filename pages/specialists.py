@@ -4,7 +4,9 @@ docs/METHOD.md section 0. Shows the current run (the demo zoo by default), one t
 alpha, scaling, target modules, parameters, the per-block norm of scaling·B·A) and the compatibility
 verdict of every check the engine makes (esm_core.analysis.describe). A form builds a run from local model,
 adapter, encoder and data paths under the allowed roots (any K >= 2, any modality names); it is
-applied only when every check passes. Nothing here loads model weights.
+applied only when every check passes. An expander imports a published specialist (a LoRA inside a
+full checkpoint, a PEFT folder with modules_to_save, a pickled state dict on request) as a clean PEFT
+folder (esm_core.importing) and shows its report. Nothing here loads model weights.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import streamlit as st
 from esm_core.analysis.describe import adapter_rows, delta_norm_matrix
 from esm_core.encoders import encoder_types
 from esm_core.errors import ESMError
+from esm_core.importing import FORMATS, import_specialist, report_rows
 from esm_core.runspec import RunSpec, load_run_spec, run_spec_from_dict
 from esm_core.samples import VALIDATORS
 from ui import checks, figures, roots, state
@@ -188,3 +191,35 @@ with guard():
                 raise ESMError(f"Specialist {s['name'] or '(unnamed)'!r} has no adapter directory.",
                                fix="fill in the PEFT adapter directory of every specialist.")
         _apply(run_spec_from_dict(d, base_dir=roots.ROOT), "your models")
+
+# ------------------------------------------------------------------------------------ import a published specialist
+with st.expander("Import a published specialist"):
+    st.caption("Writes a clean PEFT adapter folder (stock keys, its own r and alpha), the other weights (encoders, "
+               "projectors, modules_to_save) in extra_weights.safetensors, and import_report.json. Source and output "
+               "must lie under the allowed roots; the output must be a new folder outside the source.")
+    ic = st.columns([4, 4, 2])
+    src = ic[0].text_input("source (folder or weights file)", key="imp_src",
+                           placeholder="e.g. /data/models/mol-llama-checkpoint")
+    out = ic[1].text_input("output folder (new)", key="imp_out", placeholder="e.g. /data/imports/molecule")
+    fmt = ic[2].selectbox("format", FORMATS, key="imp_fmt")
+    ic = st.columns([2, 2, 6])
+    rank = ic[0].number_input("rank r (0: read from the tensors)", min_value=0, value=0, step=1, key="imp_rank")
+    alpha = ic[1].number_input("lora_alpha (0: from its config)", min_value=0.0, value=0.0, key="imp_alpha")
+    ibase = ic[2].text_input("base model folder (optional: compares configs and shapes)", key="imp_base")
+    allow = st.checkbox("allow pickle (.pt/.bin; read with torch.load(weights_only=True), written as safetensors)",
+                        value=False, key="imp_pickle")
+    over = st.checkbox("replace an earlier import at the output folder", value=False, key="imp_over")
+    if st.button("Import", key="imp_go"):
+        with guard():
+            if not src.strip() or not out.strip():
+                raise ESMError("Import: the source and the output folder are both needed.",
+                               fix="fill in the source and a new output folder.")
+            report = import_specialist(
+                roots.check_allowed(src.strip(), "Import source"), roots.check_allowed(out.strip(), "Import output"),
+                fmt=fmt, rank=int(rank) or None, alpha=float(alpha) or None, allow_pickle=bool(allow),
+                base=roots.check_allowed(ibase.strip(), "Base model") if ibase.strip() else None, overwrite=bool(over))
+            st.success(f"Imported {report['converted']['count']} LoRA factors into `{report['output']}` "
+                       f"(r={report['lora']['r']}, alpha={report['lora']['lora_alpha']:g}). Use the folder as a "
+                       "specialist's adapter in the form above.")
+            st.dataframe(pd.DataFrame(report_rows(report)).astype({"count": "string"}), hide_index=True,
+                         width="stretch", key="imp_report")

@@ -41,5 +41,7 @@ def check_spec_paths(spec: RunSpec) -> None:
     for m in spec.modalities:
         if m.encoder.path:
             check_allowed(m.encoder.path, f"Encoder of {m.name!r}")
+        for path, role in spec.encoder_files(m):
+            check_allowed(path, role[0].upper() + role[1:])
         if m.data is not None and m.data.path:
             check_allowed(m.data.path, f"Probe data of {m.name!r}")

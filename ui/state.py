@@ -21,7 +21,7 @@ import torch
 
 from esm_core.config import MethodConfig, pass_key
 from esm_core.errors import ESMError
-from esm_core.pipeline import ESResult, required_stage
+from esm_core.pipeline import ESResult, cost_of, required_stage
 from esm_core.runspec import RunSpec, load_run_spec, run_spec_to_dict
 
 from . import caches, shared
@@ -116,6 +116,13 @@ def workspace():
     sset = specialists()
     key = f"{spec_key(sp)}:{samples_key()}:{method().fingerprint('device', 'dtype')}"
     return shared.load_workspace(key, replace(sp, method=method()), samples(), sset)
+
+
+def run_cost():
+    """What running the current selection will cost (esm_core.cost): FLOPs, memory, lower-bound time."""
+    ws = workspace()
+    with ws.sset.exclusive("cost estimate"):  # building the probes re-caps shared encoders
+        return cost_of(ws, method())
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Command line: ``python -m esm_core <command>``. The subcommands, one table:
 
     coefficients, merge, methods, settings   esm_core/cli/core.py
+    import                                   esm_core/cli/importing.py
     evaluate, compare                        esm_core/cli/bench.py
     zoo build | skills | results | demo-data esm_core/cli/zoo.py
 
@@ -13,10 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from esm_core.cli import bench, core, zoo
+from esm_core.cli import bench, core, importing, zoo
 from esm_core.errors import Cancelled, ESMError
 
-COMMANDS = [*core.COMMANDS, *bench.COMMANDS, *zoo.COMMANDS]
+COMMANDS = [*core.COMMANDS, *importing.COMMANDS, *bench.COMMANDS, *zoo.COMMANDS]
 
 
 def main(argv: list[str] | None = None) -> int:

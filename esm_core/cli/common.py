@@ -6,7 +6,7 @@ import argparse
 
 from esm_core.errors import ESMError
 from esm_core.io import Input
-from esm_core.pipeline import Workspace, estimate
+from esm_core.pipeline import Workspace, cost_of, estimate
 from esm_core.progress import tqdm_progress
 from esm_core.runspec import load_run_spec
 from esm_core.schema import parse_yaml_text
@@ -56,16 +56,23 @@ def spec_inputs(spec) -> list:
 
 
 def estimate_with_progress(spec, args):
+    """Load the run, print what the estimation will cost (esm_core/cost.py), then run it."""
     prog = None if args.no_progress else tqdm_progress()
     ws = Workspace.from_spec(spec, progress=prog)
+    print(f"estimate: {cost_of(ws).summary()}", flush=True)
     return ws, estimate(ws, progress=prog)
 
 
 def print_summary(res, out) -> None:
     import torch
 
+    took = res.timings.get("estimate_total_s", 0)
     print(f"preset={res.config.preset} mode={res.config.mode} probes={res.probe_summary.get('n_probes')} "
-          f"time={res.timings.get('estimate_total_s', 0):.1f}s -> {out}")
+          f"time={took:.1f}s -> {out}")
+    ideal = res.cost.get("ideal_seconds")
+    if ideal:
+        print(f"measured {took:.1f} s against the {ideal:.1f} s lower bound of the estimate "
+              f"({took / ideal:.1f}x the device's peak time)")
     a = res.layer.alpha
     print("alpha per layer (rows = specialists):")
     for k, n in enumerate(res.specialists):

@@ -132,6 +132,7 @@ def build_manifest(sset, *, spec=None, es_result=None, out: MergeOutput | None =
     if spec is not None:
         man["run"] = run_spec_to_dict(spec)
     if es_result is not None:
+        man["cost"] = {"estimate": es_result.cost, "measured_s": es_result.timings.get("estimate_total_s")}
         man["preset"] = es_result.config.preset
         man["method_config"] = es_result.config.resolved()
         man["probes"] = es_result.probe_summary
