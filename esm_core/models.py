@@ -110,12 +110,29 @@ def prepare_transformers():
         pass
 
 
+def source_of(base: str) -> tuple[str, dict]:
+    """(folder, extra from_pretrained arguments) of a base: a model folder, or a ``.gguf`` file
+    (dequantised by transformers; needs the ``gguf`` package)."""
+    p = Path(base)
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise ESMError(f"Base model file {base!r} does not exist.", fix="point 'base:' at a local .gguf file.")
+        try:
+            import gguf  # noqa: F401  (optional: only GGUF bases need it)
+        except ImportError:
+            raise ESMError(f"Base model {base!r} is a GGUF file, and the gguf package is not installed.",
+                           fix="pip install gguf (or convert the base to safetensors).") from None
+        return str(p.parent), {"gguf_file": p.name}
+    return base, {}
+
+
 def load_tokenizer(base: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     prepare_transformers()
+    folder, extra = source_of(base)
     try:
-        tok = AutoTokenizer.from_pretrained(base, local_files_only=True, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         raise ESMError(f"Cannot load a tokenizer from {base!r}: {str(e).splitlines()[0]}",
                        fix="point 'base:' at a local model directory that holds its tokenizer files.") from None
@@ -124,32 +141,69 @@ def load_tokenizer(base: str, trust_remote_code: bool = False):
     return tok
 
 
+def plan_devices(weight_bytes: float, device: torch.device, *, free: list[int] | None = None,
+                 headroom: float = 0.8) -> dict | None:
+    """Where the base goes: None (one device, the model fits), or accelerate's max_memory per GPU
+    (``device_map="auto"``) when it fits only across the visible GPUs; a clear error when it fits
+    nowhere. ``free``: free bytes per GPU (default: asked from CUDA); ``headroom``: the share of free
+    memory the weights may take (the rest is for activations)."""
+    if device.type != "cuda":
+        return None
+    if free is None:
+        free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+    usable = [int(f * headroom) for f in free]
+    if weight_bytes <= usable[device.index or 0]:
+        return None
+    if weight_bytes <= sum(usable):
+        return {i: u for i, u in enumerate(usable)}
+    raise ESMError(f"The base needs {weight_bytes / 2**30:.1f} GiB for its weights, but the {len(free)} visible "
+                   f"GPU(s) have {sum(free) / 2**30:.1f} GiB free ({headroom:.0%} of it usable).",
+                   fix="use more or larger GPUs, a smaller dtype (dtype: bfloat16), or device: cpu.")
+
+
 def load_base_model(base: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     prepare_transformers()
+    folder, extra = source_of(base)
     p = Path(base)
     if p.is_dir():
         if not list(p.glob("*.safetensors")):
             raise ESMError(f"Base model {base!r} has no .safetensors weights (pickle checkpoints are never "
-                           "loaded).", fix="convert the base to safetensors.")
-    elif p.exists() or base.startswith((".", "/")):
+                           "loaded).", fix="convert the base to safetensors (or give a .gguf file).")
+    elif not extra and (p.exists() or base.startswith((".", "/"))):
         raise ESMError(f"Base model {base!r} is not a directory.", fix="point 'base:' at a model directory.")
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, local_files_only=True,
-                                                     use_safetensors=True, trust_remote_code=trust_remote_code)
+        cfg = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code, **extra)
+        placement = plan_devices(weight_bytes(cfg, dtype), device)
+        kw = {"device_map": "auto", "max_memory": placement} if placement else {}
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True,
+                                                     use_safetensors=not extra, trust_remote_code=trust_remote_code,
+                                                     **extra, **kw)
     except (OSError, ValueError) as e:
         msg = str(e).splitlines()[0]
         if "trust_remote_code" in str(e):
             raise ESMError(f"Base model {base!r} needs custom code: {msg}",
                            fix="set trust_remote_code: true only if you trust that directory.") from None
         raise ESMError(f"Cannot load base model {base!r}: {msg}",
-                       fix="point 'base:' at a local transformers model directory.") from None
-    model.to(device)
+                       fix="point 'base:' at a local transformers model directory or .gguf file.") from None
+    if not placement:
+        model.to(device)
     model.eval()
     for p_ in model.parameters():
         p_.requires_grad_(False)
     return model
+
+
+def weight_bytes(config, dtype: torch.dtype) -> float:
+    """Bytes of a decoder's weights from its config (blocks, embeddings and head), in dtype."""
+    d, L = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    inter = getattr(config, "intermediate_size", 4 * d)
+    d_kv = d // heads * kv
+    params = L * (2 * d * d + 2 * d * d_kv + 3 * d * inter) + 2 * config.vocab_size * d
+    return params * torch.finfo(dtype).bits / 8
 
 
 class SpecialistSet:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from esm_core.models import prepare_transformers
+from esm_core.models import prepare_transformers, source_of
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -59,11 +59,11 @@ def make_lora_adapter(base_dir: str | Path, out_dir: str | Path, *, seed: int, r
                       layers_to_transform=None) -> Path:
     """Save a PEFT LoRA adapter with random A and B (scale sets their size) on the given base."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
+    from transformers import AutoModelForCausalLM
 
     prepare_transformers()
-    base = LlamaForCausalLM.from_pretrained(str(base_dir))
+    folder, extra = source_of(str(base_dir))  # a model folder, or a .gguf file
+    base = AutoModelForCausalLM.from_pretrained(folder, **extra)
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
                      use_rslora=use_rslora, layers_to_transform=layers_to_transform, lora_dropout=0.0)
     pm = get_peft_model(base, cfg)

@@ -40,3 +40,29 @@ def test_an_estimation_records_its_estimate_beside_its_measured_time(workspace):
     res = estimate(workspace)
     assert res.cost["flops"] > 0 and res.cost["peak_flops"] > 0
     assert res.cost["ideal_seconds"] <= res.timings["estimate_total_s"]  # a lower bound
+
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize("weights,free,want", [
+    (10 * GiB, [80 * GiB], None),                           # fits one GPU: loaded there whole
+    (100 * GiB, [80 * GiB, 80 * GiB], {0: 64 * GiB, 1: 64 * GiB}),  # spread with accelerate's device_map
+    (140 * GiB, [141 * GiB], None),                         # 70B in bf16 on one 141 GB device: no room left
+])
+def test_the_base_goes_where_it_fits(weights, free, want):
+    from esm_core.errors import ESMError
+    from esm_core.models import plan_devices
+
+    dev = torch.device("cuda", 0)
+    if weights > 0.8 * sum(free):
+        with pytest.raises(ESMError, match="GiB for its weights"):
+            plan_devices(weights, dev, free=free)
+        return
+    assert plan_devices(weights, dev, free=free) == want
+
+
+def test_the_cpu_is_never_planned_across_devices():
+    from esm_core.models import plan_devices
+
+    assert plan_devices(1e15, torch.device("cpu")) is None

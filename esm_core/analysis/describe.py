@@ -26,7 +26,7 @@ import numpy as np
 from esm_core.adapters import AdapterWeights, check_adapters_agree, read_adapter
 from esm_core.encoders import SoftTokenEncoder, encoder_types
 from esm_core.errors import ESMError
-from esm_core.models import check_adapter_fits_base, find_decoder_layers, prepare_transformers
+from esm_core.models import check_adapter_fits_base, find_decoder_layers, prepare_transformers, source_of
 
 
 @dataclass
@@ -82,20 +82,21 @@ def _run(checks: list[Check], name: str, fn, ok_detail: str) -> bool:
 
 # ------------------------------------------------------------------------------------ base
 def base_skeleton(base: str, trust_remote_code: bool = False):
-    """The base model's module tree on the meta device (no weights read), from its config.json."""
+    """The base model's module tree on the meta device (no weights read), from its config."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-
     prepare_transformers()
+    folder, extra = source_of(base)
     p = Path(base)
-    if not p.is_dir():
-        raise ESMError(f"Base model {base!r} is not a directory.", fix="point the base at a local model directory.")
-    if not list(p.glob("*.safetensors")):
+    if not extra and not p.is_dir():
+        raise ESMError(f"Base model {base!r} is not a directory.",
+                       fix="point the base at a local model directory (or a .gguf file).")
+    if not extra and not list(p.glob("*.safetensors")):
         raise ESMError(f"Base model {base!r} has no .safetensors weights (pickle checkpoints are never loaded).",
                        fix="convert the base to safetensors.")
     try:
-        cfg = AutoConfig.from_pretrained(base, local_files_only=True, trust_remote_code=trust_remote_code)
+        cfg = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code, **extra)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:

@@ -2,6 +2,7 @@
 
     coefficients, merge, methods, settings   esm_core/cli/core.py
     import                                   esm_core/cli/importing.py
+    extract-lora                             esm_core/cli/extract.py
     evaluate, compare                        esm_core/cli/bench.py
     zoo build | skills | results | demo-data esm_core/cli/zoo.py
 
@@ -14,10 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from esm_core.cli import bench, core, importing, zoo
+from esm_core.cli import bench, core, extract, importing, zoo
 from esm_core.errors import Cancelled, ESMError
 
-COMMANDS = [*core.COMMANDS, *importing.COMMANDS, *bench.COMMANDS, *zoo.COMMANDS]
+COMMANDS = [*core.COMMANDS, *importing.COMMANDS, *extract.COMMANDS, *bench.COMMANDS, *zoo.COMMANDS]
 
 
 def main(argv: list[str] | None = None) -> int:
