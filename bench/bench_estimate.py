@@ -37,9 +37,13 @@ sys.path.insert(0, str(ROOT))
 SHAPES = {
     # ~3.6M parameters: the size whose timings were measured on the 2-core development machine
     "small": dict(layers=6, hidden=192, intermediate=768, heads=6, kv_heads=6),
-    # LLaMA-3.1-8B shape (random weights, bf16): for a GPU run
-    "llama8b": dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8),
+    # LLaMA-3.1-8B's layout (32 blocks, GQA 4:1, MLP 3.5x) at 1/16 of its width
+    "mini": dict(layers=32, hidden=256, intermediate=896, heads=8, kv_heads=2),
+    # LLaMA-3.1-8B and -70B shapes (random weights built in the worker, bf16): for a GPU run
+    "llama8b": dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
+    "llama70b": dict(layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=128256),
 }
+IN_MEMORY = ("llama8b", "llama70b")  # too large to save a random base first: built on the device
 
 
 def peak_memory(device) -> dict:
@@ -85,12 +89,12 @@ def build_world(d: Path, shape: str, rank: int) -> dict:
     return {"base": str(base), "adapters": ads}
 
 
-def build_world_8b(d: Path, rank: int) -> dict:
-    """Adapters with the LLaMA-8B shapes written directly (the random base is built in the worker)."""
+def build_world_random(d: Path, shape: str, rank: int) -> dict:
+    """Adapters of a large shape written directly (the random base is built in the worker)."""
     import torch
     from safetensors.torch import save_file
 
-    s = SHAPES["llama8b"]
+    s = SHAPES[shape]
     h, inter, kvd = s["hidden"], s["intermediate"], s["hidden"] // s["heads"] * s["kv_heads"]
     dims = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, kvd), "self_attn.v_proj": (h, kvd),
             "self_attn.o_proj": (h, h), "mlp.gate_proj": (h, inter), "mlp.up_proj": (h, inter),
@@ -113,17 +117,18 @@ def build_world_8b(d: Path, rank: int) -> dict:
     return {"base": None, "adapters": ads}
 
 
-def spec_for(world: dict, preset: str, n: int, projections: int, device: str):
+def spec_for(world: dict, preset: str, n: int, projections: int, device: str, tokens: int = 144):
     from esm_core.config import MethodConfig
     from esm_core.runspec import ModalitySpec, RunSpec, SpecialistSpec
 
-    mods = [ModalitySpec("molecule", "Molecule: ", "smiles", max_tokens=48),
-            ModalitySpec("protein", "Protein: ", "protein", max_tokens=48),
-            ModalitySpec("cell", "Cell: ", "genes", max_tokens=48)]
+    per = tokens // 3  # the probe's length in tokens, shared by the three modalities
+    mods = [ModalitySpec("molecule", "Molecule: ", "smiles", max_tokens=per),
+            ModalitySpec("protein", "Protein: ", "protein", max_tokens=per),
+            ModalitySpec("cell", "Cell: ", "genes", max_tokens=per)]
     specs = [SpecialistSpec(k, v, m) for (k, v), m in zip(world["adapters"].items(), ["molecule", "protein", "cell"])]
     method = MethodConfig.from_preset(preset, probes_per_modality=n, n_projections=projections, device=device,
-                                      batch_size=16)
-    return RunSpec(base=world["base"] or "random-llama8b", specialists=specs, modalities=mods, method=method)
+                                      batch_size=16, max_modality_tokens=per)
+    return RunSpec(base=world["base"] or "random", specialists=specs, modalities=mods, method=method)
 
 
 def load_sset(world: dict, spec, shape: str):
@@ -131,15 +136,15 @@ def load_sset(world: dict, spec, shape: str):
 
     from esm_core.models import SpecialistSet
 
-    if shape != "llama8b":
+    if shape not in IN_MEMORY:
         return None
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from esm_core.tiny import char_tokenizer
 
-    s = SHAPES["llama8b"]
+    s = SHAPES[shape]
     tok = char_tokenizer()
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
                       num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
                       max_position_embeddings=8192, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     dev = torch.device(spec.method.device if spec.method.device != "auto" else "cuda")
@@ -147,13 +152,18 @@ def load_sset(world: dict, spec, shape: str):
     with torch.device(dev):
         lm = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     return SpecialistSet.from_model(lm, tok, list(world["adapters"].items()),
-                                    modalities=[s.modality for s in spec.specialists], base_path="random-llama8b")
+                                    modalities=[s.modality for s in spec.specialists], base_path="random")
 
 
 # ------------------------------------------------------------------------------------ workers
 def run_ours(world, spec, samples, shape) -> dict:
+    import torch
+
+    from esm_core.cost import device_peak
     from esm_core.pipeline import Workspace, estimate
 
+    dev = spec.method.device if spec.method.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device_name, peak_flops = device_peak(torch.device(dev))  # on a CPU: a matmul measured here, first
     t0 = time.perf_counter()
     ws = Workspace.from_spec(spec, samples=samples, sset=load_sset(world, spec, shape))
     t_load = time.perf_counter() - t0
@@ -166,7 +176,8 @@ def run_ours(world, spec, samples, shape) -> dict:
                  adapters_mb=sum(p.numel() * p.element_size() for n, p in ws.sset.model.named_parameters()
                                  if "lora_" in n) / 2**20)
     return dict(load_s=t_load, estimate_s=t_est, timings=res.timings, lam=res.lam, probes=res.probe_summary,
-                **mem, **sizes)
+                flops=res.cost["flops"], ideal_s=res.cost["ideal_seconds"], device=device_name,
+                peak_flops=peak_flops, **mem, **sizes)
 
 
 def run_naive(world, spec, samples, shape) -> dict:
@@ -285,7 +296,7 @@ def worker(args) -> None:
 
         torch.set_num_threads(args.threads)
     samples = json.loads(Path(args.samples).read_text())
-    spec = spec_for(world, args.preset, args.probes, args.projections, args.device)
+    spec = spec_for(world, args.preset, args.probes, args.projections, args.device, args.tokens)
     fn = run_ours if args.worker == "ours" else run_naive
     out = fn(world, spec, samples, args.shape)
     save_file({str(k): v.contiguous() for k, v in out.pop("lam").items()}, args.result + ".safetensors")
@@ -298,6 +309,7 @@ def main() -> None:
     ap.add_argument("--preset", choices=["reference", "paper"], default="reference")
     ap.add_argument("--probes", type=int, default=330)
     ap.add_argument("--projections", type=int, default=1024)
+    ap.add_argument("--tokens", type=int, default=144, help="probe length cap in tokens (shared by the modalities)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-naive", action="store_true")
@@ -314,7 +326,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     d = Path(tempfile.mkdtemp(prefix="esm_bench_"))
-    world = build_world_8b(d, args.rank) if args.shape == "llama8b" else build_world(d, args.shape, args.rank)
+    world = build_world_random(d, args.shape, args.rank) if args.shape in IN_MEMORY else build_world(d, args.shape, args.rank)
     (d / "world.json").write_text(json.dumps(world))
     (d / "samples.json").write_text(json.dumps(make_samples(args.probes)))
     results = {}
@@ -322,7 +334,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", which, "--world", str(d / "world.json"), "--samples",
                str(d / "samples.json"), "--result", str(d / which), "--shape", args.shape, "--preset", args.preset,
                "--probes", str(args.probes), "--projections", str(args.projections), "--device", args.device,
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--tokens", str(args.tokens)]
         print(f"running {which} ...", flush=True)
         subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         results[which] = json.loads((d / f"{which}.json").read_text())

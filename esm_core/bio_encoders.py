@@ -17,7 +17,9 @@ trained with them; a block is ``residues + 2`` positions. Options:
   sharded index, ``vocab.txt``); default ``<path>/esm``;
 - ``projector``: safetensors with ``fc1.weight``, ``fc1.bias``, ``fc2.weight``, ``fc2.bias`` or
   Prot2Text-V2's ``adapter.fc1.weight``... (other keys ignored: the whole Prot2Text-V2 checkpoint
-  may be named); default ``<path>/projector.safetensors``;
+  may be named), PEFT ``modules_to_save`` names included (``base_model.model.adapter.fc1.
+  modules_to_save.default.weight``: the ``extra_weights.safetensors`` that ``esm_core import``
+  writes for a Prot2Text-V2 training checkpoint); default ``<path>/projector.safetensors``;
 - ``hidden``: the projector's inner width, checked against the weights when given;
 - ``max_residues``: residues kept from the start (default 1021, Prot2Text-V2's); the probe cap
   ``max_tokens`` (set by the workspace from max_modality_tokens; specials counted) applies on top,
@@ -153,14 +155,20 @@ def read_projector(path: Path, *, esm_width: int, llm_width: int, hidden: int | 
                    esm_folder: str = "the ESM model") -> EsmProjector:
     """The projector in ``path`` (plain or ``adapter.``-prefixed names), checked against both widths."""
     f = open_safetensors(path, "projector file")
-    keys = set(f.keys())
-    found = [p for p in ("", "adapter.") if all(p + k in keys for k in _PROJ_KEYS)]
+    # PEFT's modules_to_save names (as `esm_core import` keeps them in extra_weights.safetensors):
+    # base_model.model.adapter.fc1.modules_to_save.default.weight -> adapter.fc1.weight
+    names: dict[str, str] = {}
+    for k in f.keys():
+        plain = k.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")
+        if ".original_module." not in k:
+            names.setdefault(plain, k)
+    found = [p for p in ("", "adapter.") if all(p + k in names for k in _PROJ_KEYS)]
     if len(found) != 1:
-        what = "both plain and 'adapter.' names" if found else f"tensors {sorted(keys)[:6]}"
+        what = "both plain and 'adapter.' names" if found else f"tensors {sorted(names)[:6]}"
         raise ESMError(f"Projector file {str(path)!r} holds {what}; it needs exactly one set of "
                        f"{list(_PROJ_KEYS)} (or Prot2Text-V2's adapter.fc1.weight ...).",
                        fix="point projector: at the projector weights.")
-    sd = {k: f.get_tensor(found[0] + k) for k in _PROJ_KEYS}
+    sd = {k: f.get_tensor(names[found[0] + k]) for k in _PROJ_KEYS}
     w1, b1, w2, b2 = (sd[k] for k in _PROJ_KEYS)
     if w1.ndim != 2 or w2.ndim != 2 or b1.shape != (w1.shape[0],) or b2.shape != (w2.shape[0],) \
             or w2.shape[1] != w1.shape[0]:

@@ -11,6 +11,7 @@ every path the run reads, which an output must never touch (esm_core/io.py).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -185,10 +186,27 @@ def run_spec_from_dict(d: dict, base_dir: Path | None = None, source: str | None
     return spec
 
 
+_PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]*>")
+
+
+def _refuse_placeholders(data, p: Path, where: str = "") -> None:
+    """A template's ``<MODELS>``-style placeholders left in: name the first one and where it is."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            _refuse_placeholders(v, p, f"{where}.{k}" if where else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            _refuse_placeholders(v, p, f"{where}[{i}]")
+    elif isinstance(data, str) and (m := _PLACEHOLDER.search(data)):
+        raise ESMError(f"Config file {str(p)!r}: {where} still holds the template placeholder {m.group(0)} "
+                       f"({data[:120]!r}).", fix=f"replace {m.group(0)} with the folder on this machine.")
+
+
 def load_run_spec(path: str | Path, **method_overrides) -> RunSpec:
     """Read a YAML run config. ``method_overrides`` (e.g. seed from the CLI) win over the file."""
     p = Path(path)
     data = dict(_mapping(read_yaml(p), f"config file {str(p)!r}"))
+    _refuse_placeholders(data, p)
     if method_overrides:
         method = dict(_mapping(data.get("method"), "'method:'"))
         method.update({k: v for k, v in method_overrides.items() if v is not None})

@@ -73,7 +73,29 @@ def _solo(run_yaml):
     return out
 
 
+def _shown(at) -> str:
+    """What the page shows besides widgets: errors, warnings, infos, exceptions (for failure messages)."""
+    return "; ".join(f"{kind}: {e.value}" for kind, els in (("exception", at.exception), ("error", at.error),
+                                                          ("warning", at.warning), ("info", at.info))
+                     for e in els) + f"; elements: {_walk(at.main)}"
+
+
+def _walk(node, out=None) -> list:
+    """The page's elements in order: type and key (widgets) or the first words of the value."""
+    out = [] if out is None else out
+    kids = getattr(node, "children", None)
+    if isinstance(kids, dict) and kids:
+        for k in sorted(kids):
+            _walk(kids[k], out)
+    else:
+        key = getattr(node, "key", None)
+        val = getattr(node, "value", None)
+        out.append(f"{type(node).__name__}:{key or str(val)[:40]}")
+    return out
+
+
 def _session(i: int, env: dict, results: dict, errors: list):
+    step, at = "start", None
     try:
         s = SESSIONS[i]
         at = AppTest.from_file(APP, default_timeout=600)
@@ -81,26 +103,33 @@ def _session(i: int, env: dict, results: dict, errors: list):
         esm = at.session_state["esm"]
         esm.method = esm.method.replace(preset=s["preset"], seed=s["seed"])
         at.run()
+        step = "estimate"
         at.button(key="run").click().run()
         assert not at.exception, [e.value for e in at.exception]
         res = at.session_state["esm"].base_result
+        assert res is not None, "no estimation result"
+        step = "merge"
         at.switch_page("pages/merge.py").run()
         at.selectbox(key="mg_method").set_value("ties").run()
         at.number_input(key="mg_ties_density").set_value(s["density"]).run()
         at.button(key="mg_run").click().run()
         assert not at.exception, [e.value for e in at.exception]
+        step = "query"
         at.switch_page("pages/query.py").run()
         at.radio(key="q_source").set_value("Write a prompt").run()
         at.text_input(key="q_f_molecule").input(MOLECULE).run()
+        assert "merged_ties_1" in at.multiselect(key="q_models").options, at.multiselect(key="q_models").options
         at.multiselect(key="q_models").set_value(["merged_ties_1"]).run()
         at.toggle(key="q_gen").set_value(False).run()
         at.button(key="q_go").click().run()
         assert not at.exception, [e.value for e in at.exception]
-        df = next(d.value for d in at.dataframe if "answer_likelihood" in d.value.columns)
+        tables = [d.value for d in at.dataframe if "answer_likelihood" in d.value.columns]
+        assert tables, "no answer table"
+        df = tables[0]
         results[i] = (res, float(df.loc[df["model"] == "merged_ties_1", "p(Yes)"].iloc[0]),
                       [e.value for e in at.error])
     except BaseException as e:  # noqa: BLE001 - reported by the test
-        errors.append(f"session {i}: {e!r}")
+        errors.append(f"session {i} at {step}: {e!r}; the page shows: {_shown(at) if at is not None else '-'}")
 
 
 def _one_compile_at_a_time(monkeypatch):
@@ -117,8 +146,39 @@ def _one_compile_at_a_time(monkeypatch):
     monkeypatch.setattr(magic, "add_magic", locked)
 
 
+def _one_runtime(monkeypatch):
+    """AppTest sets and clears process-wide state around each of its runs: ``Runtime._instance`` (a
+    fresh mock runtime, then None) and ``PagesManager.uses_pages_directory`` (reset, then guessed from
+    the ``pages/`` folder). Runs in several threads would clear them under each other's feet (a run
+    that sees the guess executes the old pages-folder router and lands on the default page). A real
+    server has one runtime and, with st.navigation, the flag stays False; the test pins both so, and
+    AppTest's own assignments land on look-alike subclasses nobody reads."""
+    from unittest.mock import MagicMock
+
+    from streamlit.components.v2.component_manager import BidiComponentManager
+    from streamlit.runtime import Runtime
+    from streamlit.runtime.caching.storage.dummy_cache_storage import MemoryCacheStorageManager
+    from streamlit.runtime.dataframe_source_manager import DataframeSourceManager
+    from streamlit.runtime.media_file_manager import MediaFileManager
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+    from streamlit.runtime.pages_manager import PagesManager
+    from streamlit.testing.v1 import app_test
+
+    runtime = MagicMock(spec=Runtime)
+    runtime.media_file_mgr = MediaFileManager(MemoryMediaFileStorage("/mock/media"))
+    runtime.dataframe_source_mgr = DataframeSourceManager()
+    runtime.cache_storage_manager = MemoryCacheStorageManager()
+    runtime.bidi_component_registry = BidiComponentManager()
+    runtime.bidi_component_registry.discover_and_register_components(start_file_watching=False)
+    monkeypatch.setattr(Runtime, "_instance", runtime)
+    monkeypatch.setattr(PagesManager, "uses_pages_directory", False)
+    monkeypatch.setattr(app_test, "Runtime", type("TestRuntime", (Runtime,), {}))
+    monkeypatch.setattr(app_test, "PagesManager", type("TestPagesManager", (PagesManager,), {}))
+
+
 def test_three_sessions_at_once_equal_their_solo_runs(tiny_app, world, monkeypatch):
     _one_compile_at_a_time(monkeypatch)
+    _one_runtime(monkeypatch)
     run_yaml, d = tiny_app
     monkeypatch.setenv("ESM_DEMO_SPEC", str(run_yaml))
     monkeypatch.setenv("ESM_ALLOWED_ROOTS", os.pathsep.join([str(d), str(world["dir"])]))

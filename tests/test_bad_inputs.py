@@ -171,6 +171,8 @@ CASES = [
     ("out-exists", lambda S: M(S, S / "user"), 2, "already exists"),
     ("out-is-a-file", lambda S: M(S, S / "user" / "notes.txt", "--overwrite"), 2, "is not a directory"),
     ("out-under-a-file", lambda S: M(S, S / "user" / "notes.txt" / "x"), 2, "is not a writable directory"),
+    ("coef-without-out", lambda S: ["coefficients", "--config", S / "cfg" / "run.yaml", "--no-progress"], 2,
+     "coefficients needs --out"),
     ("coef-contains-config", lambda S: ["coefficients", "--config", S / "cfg" / "run.yaml", "--out", S / "cfg",
                                         "--overwrite"], 2, "contains the run config"),
     # 4. evaluate and compare follow the same output rules

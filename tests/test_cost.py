@@ -66,3 +66,23 @@ def test_the_cpu_is_never_planned_across_devices():
     from esm_core.models import plan_devices
 
     assert plan_devices(1e15, torch.device("cpu")) is None
+
+
+def test_dry_run_prints_the_estimate_and_writes_nothing(world, tmp_path, capsys):
+    import yaml
+    from conftest import SAMPLES, make_spec
+
+    from esm_core.cli import main as cli
+    from esm_core.runspec import run_spec_to_dict
+
+    cfg = run_spec_to_dict(make_spec(world))
+    cfg.pop("source", None)
+    for m in cfg["modalities"]:
+        (tmp_path / f"{m['name']}.csv").write_text("raw\n" + "\n".join(SAMPLES[m["name"]]) + "\n")
+        m["data"] = {"path": str(tmp_path / f"{m['name']}.csv"), "column": "raw"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli(["coefficients", "--config", str(tmp_path / "run.yaml"), "--dry-run", "--no-progress"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("estimate: "))
+    assert "FLOP" in line and "at least" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -121,6 +121,14 @@ def test_esm2_reads_prot2text_names_and_truncates(esm_dir, tmp_path):
     p2t = build_encoder(EncoderSpec("esm2", str(esm_dir), {"projector": str(tmp_path / "p2t.safetensors"),
                                                            "hidden": PROJ_H}), SSET)
     assert torch.equal(plain.encode("MKKLLPTA"), p2t.encode("MKKLLPTA"))
+    # the importer's extra_weights.safetensors of a Prot2Text-V2 training checkpoint (PEFT modules_to_save)
+    peft_names = {"base_model.model.{}.modules_to_save.default.{}".format(*k.rsplit(".", 1)): v
+                  for k, v in projector_tensors(prefix="adapter.").items()}
+    originals = {f"base_model.model.adapter.fc1.original_module.{n}": torch.zeros(1) for n in ("weight", "bias")}
+    save_file({**peft_names, **originals}, str(tmp_path / "extra_weights.safetensors"))
+    imported = build_encoder(EncoderSpec("esm2", str(esm_dir), {"projector": str(tmp_path / "extra_weights.safetensors")}),
+                             SSET)
+    assert torch.equal(plain.encode("MKKLLPTA"), imported.encode("MKKLLPTA"))
     short = build_encoder(EncoderSpec("esm2", str(esm_dir), {"max_residues": 5}), SSET)
     assert short.encode("MKKLLPTA").shape[0] == 7 and short.truncated("MKKLLPTA") and not short.truncated("MKK")
     short.max_tokens = 4  # the probe cap (a workspace sets it), specials counted

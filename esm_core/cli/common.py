@@ -12,9 +12,9 @@ from esm_core.runspec import load_run_spec
 from esm_core.schema import parse_yaml_text
 
 
-def method_args(p: argparse.ArgumentParser) -> None:
+def method_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--config", required=True, help="YAML run config (base, specialists, modalities, method).")
-    p.add_argument("--out", required=True, help="Output directory (refused if it exists, unless --overwrite).")
+    p.add_argument("--out", required=out_required, help="Output directory (refused if it exists, unless --overwrite).")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
     p.add_argument("--seed", type=int, default=None, help="Override the config's seed.")
     p.add_argument("--preset", default=None, help="Override the config's preset (reference or paper).")

@@ -14,21 +14,32 @@ from dataclasses import fields
 
 from esm_core.cli.common import estimate_with_progress, load_spec, method_args, name_values, print_summary, spec_inputs
 from esm_core.config import PRESETS, MethodConfig
+from esm_core.errors import ESMError
 from esm_core.io import reserve_output
 from esm_core.merging.base import MergeContext
 from esm_core.merging.output import build_manifest, write_merged
 from esm_core.merging.registry import get_method, list_methods
-from esm_core.pipeline import Workspace, save_result
+from esm_core.pipeline import Workspace, cost_of, save_result
 from esm_core.progress import tqdm_progress
 
 
 def _coef_add(p):
-    method_args(p)
+    method_args(p, out_required=False)
     p.add_argument("--with-states", action="store_true", help="Also save the pooled hidden states (for the app).")
+    p.add_argument("--dry-run", action="store_true",
+                   help="Load the run, print the cost estimate (FLOPs, memory, time on this device) and stop; "
+                        "writes nothing.")
 
 
 def _coef_run(args) -> int:
     spec = load_spec(args)
+    if args.dry_run:
+        ws = Workspace.from_spec(spec, progress=None if args.no_progress else tqdm_progress())
+        print(f"estimate: {cost_of(ws).summary()}")
+        return 0
+    if args.out is None:
+        raise ESMError("coefficients needs --out (where to write coefficients.safetensors and the manifest).",
+                       fix="add --out DIR, or --dry-run to print the cost estimate only.")
     with reserve_output(args.out, kind="dir", overwrite=args.overwrite, inputs=spec_inputs(spec),
                         command="coefficients") as target:
         ws, res = estimate_with_progress(spec, args)
