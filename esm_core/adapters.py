@@ -296,12 +296,16 @@ def check_adapters_agree(adapters: list[AdapterWeights], *, same_rank: bool = Tr
                                        "specialists.")
 
 
-def merged_config(template: AdapterWeights, base_path: str | None, folded: bool) -> dict:
+def merged_config(template: AdapterWeights, base_path: str | None, folded: bool, rank: int | None = None) -> dict:
+    """A merged adapter's config: the template's; scaling 1 when ``folded``; ``rank`` when the merge
+    changed it (a delta-space merge: one rank everywhere, scaling 1)."""
     cfg = dict(template.config)
     cfg["inference_mode"] = True
     if base_path:
         cfg["base_model_name_or_path"] = base_path
-    if folded:
+    if rank is not None:
+        cfg.update(r=int(rank), lora_alpha=int(rank), use_rslora=False, rank_pattern={}, alpha_pattern={})
+    elif folded:
         # scalings live in B now: make PEFT's scaling 1 for every module
         cfg["lora_alpha"] = template.rank
         cfg["use_rslora"] = False

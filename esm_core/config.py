@@ -132,6 +132,14 @@ class MethodConfig:
     mode: Literal["combined", "layer", "element"] = _f(
         "combined", "Coefficient used to merge: 'combined' alpha*beta (Eq. 4), 'layer' alpha only, 'element' "
         "beta only (Table 3 ablation).", "derive")
+    # --- merging (section 0)
+    merge_space: Literal["factors", "delta"] = _f(
+        "factors", "Where every merge method combines: 'factors' = A and B separately (Eq. 1; a specialist's own "
+        "update survives with about lambda^2, plus cross terms B_j A_k), 'delta' = the updates s*B*A, "
+        "re-factorised by truncated SVD (esm_core/merging/space.py).", "none")
+    delta_rank: Int(0, 1_000_000) = _f(
+        0, "Rank of the re-factorised merge in merge_space=delta (0 = the sum of the specialists' ranks: exact "
+        "for a linear combination).", "none")
     # --- run
     seed: Int(0, 2**32 - 1) = _f(42, "Seed of every random choice: probe sampling, SWD projections.", "probes")
     device: Literal["auto", "cpu", "cuda", "mps"] = _f(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 from dataclasses import replace
 
-from esm_core.adapters import merged_config
 from esm_core.config import MethodConfig
 from esm_core.errors import ESMError
 from esm_core.merging.base import MergeContext
@@ -50,7 +49,7 @@ def merged_adapters(names, where=None):
             m = merges().get(n)
             if m is None:
                 raise ESMError(f"No merged model named {n!r} in this session.", fix="merge on the Merge page first.")
-            cfg = merged_config(template, sset.base_path, m["folded"])
+            cfg = m["output"].adapter_config(template, sset.base_path, m["folded"])
             out[n] = sset.ensure_adapter(m["adapter"], lambda m=m: m["output"].tensors, cfg, keep=MAX_SHARED_MERGES)
         yield out
 
@@ -64,7 +63,7 @@ def run_merge(method_name: str, params: dict, *, data=None, progress=None) -> st
         raise ESMError("ES-Merging needs the coefficients of the current selection.",
                        fix="run ES-Merging on the Overview page first.")
     ctx = MergeContext.from_specialists(ws.sset, workspace=ws, es_result=res, data=data, seed=state.method_seed(),
-                                        progress=progress)
+                                        progress=progress, config=state.method())
     with ws.sset.gate.waiting(lambda ahead, secs, who: progress and progress(shared.waiting_text(ahead, secs, who),
                                                                                0.0)):
         out = method.run(ctx, params)

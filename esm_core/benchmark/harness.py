@@ -16,7 +16,6 @@ from typing import Sequence
 
 import numpy as np
 
-from esm_core.adapters import merged_config
 from esm_core.answering.batched import BatchedAnswerer
 from esm_core.answering.prompts import Prompt
 from esm_core.benchmark.metrics import Score, bootstrap_scores, retrieval_majority
@@ -245,14 +244,16 @@ def answer_side_by_side(answerer: BatchedAnswerer, prompts: Prompt | Sequence[Pr
 
 
 def merged_adapter(ws, method, params: dict, *, es_result=None, data=None, seed: int = 0, name: str,
-                   progress: ProgressFn | None = None) -> tuple[str, dict]:
-    """Run a registered merge method on the workspace's specialists and load the result as adapter ``name``."""
+                   progress: ProgressFn | None = None, space: str | None = None) -> tuple[str, dict]:
+    """Run a registered merge method on the workspace's specialists and load the result as adapter ``name``
+    (``space``: factors or delta; default the run's merge_space)."""
 
     ctx = MergeContext.from_specialists(ws.sset, workspace=ws, es_result=es_result, data=data, seed=seed,
-                                        progress=progress)
+                                        progress=progress, config=ws.spec.method,
+                                        **({"space": space} if space else {}))
     t0 = time.perf_counter()
     out = method.run(ctx, params)
-    cfg = merged_config(ws.sset.adapters[ws.sset.names[0]], ws.sset.base_path, ctx.folded)
+    cfg = out.adapter_config(ws.sset.adapters[ws.sset.names[0]], ws.sset.base_path, ctx.folded)
     ws.sset.add_adapter(name, out.tensors, cfg)
     info = {k: v for k, v in out.info.items() if isinstance(v, (int, float, str, bool, list, dict))}
     info["merge_s"] = time.perf_counter() - t0

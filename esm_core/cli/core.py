@@ -74,7 +74,7 @@ def _merge_run(args) -> int:
             ws, res = estimate_with_progress(spec, args)
         else:
             ws = Workspace.from_spec(spec)
-        ctx = MergeContext.from_specialists(ws.sset, workspace=ws, es_result=res, seed=spec.method.seed,
+        ctx = MergeContext.from_specialists(ws.sset, workspace=ws, es_result=res, seed=spec.method.seed, config=spec.method,
                                             progress=None if args.no_progress else tqdm_progress(method.pretty))
         out = method.run(ctx, params)
         out.info["merge_s"] = time.perf_counter() - t0

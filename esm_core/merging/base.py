@@ -11,14 +11,16 @@ before merging and the merged adapter is written with scaling 1 (the manifest sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 
-from esm_core.adapters import AdapterWeights, LoraKey
+from esm_core.adapters import AdapterWeights, LoraKey, merged_config
 from esm_core.answering.prompts import Prompt
 from esm_core.errors import ESMError
+from esm_core.merging import space
+from esm_core.merging.space import MERGE_SPACES
 from esm_core.models import SpecialistSet
 from esm_core.pipeline import ESResult, Workspace
 from esm_core.progress import ProgressFn
@@ -52,6 +54,8 @@ class MergeContext:
     progress: ProgressFn | None = None
     folded: bool = False
     scalings: dict[str, float] = field(default_factory=dict)
+    space: str = "factors"  # merge_space: "factors" (Eq. 1) or "delta" (esm_core/merging/space.py)
+    delta_rank: int = 0  # rank of a delta-space merge (0 = the sum of the input ranks)
 
     @property
     def keys(self) -> list[LoraKey]:
@@ -62,9 +66,21 @@ class MergeContext:
         return torch.stack([self.tensors[n][key].float() for n in self.names])
 
     @classmethod
-    def from_specialists(cls, sset, **kw) -> "MergeContext":
+    def from_specialists(cls, sset, *, config=None, **kw) -> "MergeContext":
+        """``config``: a MethodConfig whose merge_space and delta_rank the merge follows."""
         tensors, folded, scalings = prepare_tensors([sset.adapters[n] for n in sset.names])
+        if config is not None:
+            kw.setdefault("space", config.merge_space)
+            kw.setdefault("delta_rank", config.delta_rank)
         return cls(names=list(sset.names), tensors=tensors, sset=sset, folded=folded, scalings=scalings, **kw)
+
+    def scaling(self, name: str, layer: int, module: str) -> float:
+        """The factor PEFT applies to specialist ``name``'s B A at a module (1 where folded into B)."""
+        if self.folded:
+            return 1.0
+        if self.sset is not None:
+            return float(self.sset.adapters[name].scaling_for(layer, module))
+        return float(self.scalings.get(name, 1.0))
 
 
 @dataclass
@@ -73,6 +89,12 @@ class MergeOutput:
     coefficients: dict[LoraKey, torch.Tensor] | None = None  # [K, *shape] per-element weights, if any
     info: dict = field(default_factory=dict)
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # saved into coefficients.safetensors
+    rank: int | None = None  # the merged adapter's rank when it differs from the specialists' (delta space)
+    scaling_one: bool = False  # the factors carry every scaling: write the adapter with scaling 1
+
+    def adapter_config(self, template: AdapterWeights, base_path: str | None, folded: bool) -> dict:
+        """adapter_config.json of this merge (stock PEFT): the template's, with this merge's rank and scaling."""
+        return merged_config(template, base_path, folded or self.scaling_one, rank=self.rank)
 
 
 @dataclass(frozen=True)
@@ -148,11 +170,10 @@ class MergeMethod:
         if "data" in self.needs and not ctx.data:
             raise ESMError(f"Merge method {self.name!r} learns from task data, and none was given.",
                            fix="pick a task (app: Merge page; CLI: `compare`) whose training rows it can use.")
-        if "model" in self.needs:  # learned merges train on the shared model: hold it for the whole run
-            with ctx.sset.exclusive(f"{self.pretty} merge"):
-                out = self.fn(ctx, resolved)
-        else:
-            out = self.fn(ctx, resolved)
+        if ctx.space not in MERGE_SPACES:
+            raise ESMError(f"Merge space {short_repr(ctx.space)} is not one of {list(MERGE_SPACES)}.",
+                           fix="set merge_space to factors or delta.")
+        out = self._delta(ctx, resolved) if ctx.space == "delta" else self._call(ctx, resolved)
         out.info.setdefault("method", self.name)
         out.info.setdefault("params", resolved)
         for k, t in out.tensors.items():
@@ -160,6 +181,44 @@ class MergeMethod:
                 raise ESMError(f"Merge method {self.name!r} produced NaN/Inf at {k}.",
                                fix="check its parameters (e.g. a zero density or temperature).")
         return out
+
+    def _call(self, ctx: MergeContext, resolved: dict) -> MergeOutput:
+        if "model" in self.needs:  # learned merges train on the shared model: hold it for the whole run
+            with ctx.sset.exclusive(f"{self.pretty} merge"):
+                return self.fn(ctx, resolved)
+        return self.fn(ctx, resolved)
+
+    def _delta(self, ctx: MergeContext, resolved: dict) -> MergeOutput:
+        """The merge in the space of updates (esm_core/merging/space.py): tensor methods combine the
+        updates s_k B_k A_k; coefficient methods (ES, learned weights) carry their coefficients over by
+        the stated rule; a method that trains factors contributes its own update. Then truncated SVD."""
+        dW = space.deltas(ctx.tensors, ctx.scaling)
+        lam = None
+        if self.needs & {"es", "model"}:
+            fo = self._call(ctx, resolved)
+            if fo.coefficients is not None:
+                shapes = {k: tuple(v.shape) for k, v in ctx.tensors[ctx.names[0]].items()}
+                lam = space.delta_coefficients(fo.coefficients, shapes)
+                merged = space.combine_deltas(lam, dW, ctx.names)
+            else:
+                merged = {k: ctx.scaling(ctx.names[0], k.layer, k.module) * v
+                          for k, v in space.product(fo.tensors).items()}
+        else:
+            fo = self._call(replace(ctx, tensors=dW), resolved)
+            merged, lam = fo.tensors, fo.coefficients
+        ranks = {}
+        for k, v in ctx.tensors[ctx.names[0]].items():
+            if k.ab == "A":
+                ranks[(k.layer, k.module)] = sum(ctx.tensors[n][k].shape[0] for n in ctx.names)
+        rank = ctx.delta_rank or max(ranks.values())
+        factors, residual = space.refactorise(merged, rank)
+        extra = dict(fo.extra_tensors)
+        if lam is not None:
+            extra.update({f"delta_lambda/{k}": v.float() for k, v in lam.items()})
+        extra["delta_residual"] = torch.tensor(list(residual.values()))
+        info = dict(fo.info, space="delta", rank=rank, residual_max=max(residual.values()),
+                    residual_mean=sum(residual.values()) / len(residual))
+        return MergeOutput(factors, coefficients=None, info=info, extra_tensors=extra, rank=rank, scaling_one=True)
 
 
 # ------------------------------------------------------------------------------------ tensors

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from esm_core.adapters import merged_config, save_adapter_files
+from esm_core.adapters import save_adapter_files
 from esm_core.io import Input, Reservation, dir_hashes, file_hash, package_versions, reserve_output, zip_files
 from esm_core.merging.base import MergeContext, MergeOutput
 from esm_core.pipeline import result_metadata, result_tensors
@@ -56,7 +56,7 @@ def write_merged_into(tmp: Path, out: MergeOutput, sset, *, spec=None, es_result
     t0 = time.perf_counter()
     template = sset.adapters[sset.names[0]]
     folded = bool(ctx.folded) if ctx is not None else False
-    cfg = merged_config(template, sset.base_path, folded)
+    cfg = out.adapter_config(template, sset.base_path, folded)
     save_adapter_files(tmp, out.tensors, template, cfg)
     coef = {}
     if es_result is not None:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from esm_core.adapters import merged_config
 from esm_core.coefficients import combine
 from esm_core.config import MethodConfig
 from esm_core.io import Input, reserve_output
@@ -53,16 +52,16 @@ def merged_models(ws, *, presets=PRESETS, modes=MODES, progress=None) -> tuple[l
             D_last=res.layer.D[:, :, -1].tolist(), alpha=res.layer.alpha.tolist(),
             mean_lambda={m: _mean_lambda(res, mode=m) for m in modes})
         for mode in modes:
-            ctx = MergeContext.from_specialists(sset, workspace=ws, es_result=res, seed=cfg.seed)
+            ctx = MergeContext.from_specialists(sset, workspace=ws, es_result=res, seed=cfg.seed, config=cfg)
             out = get_method("es").run(ctx, {"mode": mode})
             name = f"es-{preset}-{mode}"
-            sset.add_adapter(name, out.tensors, merged_config(template, sset.base_path, ctx.folded))
+            sset.add_adapter(name, out.tensors, out.adapter_config(template, sset.base_path, ctx.folded))
             names.append(name)
         if progress:
             progress(f"merged with preset {preset}", 0.5)
-    ctx = MergeContext.from_specialists(sset, workspace=ws, seed=ws.spec.method.seed)
+    ctx = MergeContext.from_specialists(sset, workspace=ws, seed=ws.spec.method.seed, config=ws.spec.method)
     out = get_method("average").run(ctx, {})
-    sset.add_adapter("average", out.tensors, merged_config(template, sset.base_path, ctx.folded))
+    sset.add_adapter("average", out.tensors, out.adapter_config(template, sset.base_path, ctx.folded))
     names.append("average")
     return names, info
 
