@@ -16,10 +16,9 @@ trained with them; a block is ``residues + 2`` positions. Options:
 - ``esm``: the ESM-2 folder (``config.json`` with ``model_type: esm``, ``model.safetensors`` or its
   sharded index, ``vocab.txt``); default ``<path>/esm``;
 - ``projector``: safetensors with ``fc1.weight``, ``fc1.bias``, ``fc2.weight``, ``fc2.bias`` or
-  Prot2Text-V2's ``adapter.fc1.weight``... (other keys ignored: the whole Prot2Text-V2 checkpoint
-  may be named), PEFT ``modules_to_save`` names included (``base_model.model.adapter.fc1.
-  modules_to_save.default.weight``: the ``extra_weights.safetensors`` that ``esm_core import``
-  writes for a Prot2Text-V2 training checkpoint); default ``<path>/projector.safetensors``;
+  Prot2Text-V2's ``adapter.fc1.weight``... (other keys ignored: the whole checkpoint may be named),
+  PEFT ``modules_to_save`` names included (the importer's ``extra_weights.safetensors`` of a
+  Prot2Text-V2 training checkpoint); default ``<path>/projector.safetensors``;
 - ``hidden``: the projector's inner width, checked against the weights when given;
 - ``max_residues``: residues kept from the start (default 1021, Prot2Text-V2's); the probe cap
   ``max_tokens`` (set by the workspace from max_modality_tokens; specials counted) applies on top,
@@ -155,8 +154,7 @@ def read_projector(path: Path, *, esm_width: int, llm_width: int, hidden: int | 
                    esm_folder: str = "the ESM model") -> EsmProjector:
     """The projector in ``path`` (plain or ``adapter.``-prefixed names), checked against both widths."""
     f = open_safetensors(path, "projector file")
-    # PEFT's modules_to_save names (as `esm_core import` keeps them in extra_weights.safetensors):
-    # base_model.model.adapter.fc1.modules_to_save.default.weight -> adapter.fc1.weight
+    # PEFT's base_model.model.adapter.fc1.modules_to_save.default.weight -> adapter.fc1.weight
     names: dict[str, str] = {}
     for k in f.keys():
         plain = k.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")

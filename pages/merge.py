@@ -15,9 +15,11 @@ from functools import partial
 
 import numpy as np
 import pandas as pd
+import plotly.express as px
 import streamlit as st
 
 from esm_core.analysis.compare import compare_coefficients
+from esm_core.config import MethodConfig
 from esm_core.errors import ESMError
 from esm_core.io import zip_files
 from esm_core.merging.registry import get_method, list_methods
@@ -26,6 +28,12 @@ from esm_core.zoo.skills import SKILLS
 from ui import figures, merge_data, merges, shared, state
 from ui.widgets import csv_bytes, guard, param_controls, preset_badge, run_button, show_figure, timed_progress
 
+EQ1_NOTE = ("**What Eq. 1 on factors does.** Merging A and B separately gives the update "
+            "(Σₖ λₖBₖ)(Σₖ λₖAₖ) = Σₖ λₖ² BₖAₖ + Σ_{j≠k} λⱼλₖ BⱼAₖ: a specialist's own update survives with about λ² "
+            "(a plain average of three keeps about 1/9 of each, not 1/3), and cross terms BⱼAₖ that no specialist "
+            "learned appear. The delta space combines the updates themselves and re-factorises them by truncated "
+            "SVD (rank = sum of the input ranks is exact for a linear combination). Section 2b shows both numbers "
+            "for every merge.")
 NEEDS = {"es": "uses the ES estimation of the current selection", "model": "runs the model",
          "data": "learns from task prompts"}
 
@@ -73,6 +81,33 @@ def data_controls() -> dict:
     return {"source": "skills", "ok": True, "names": names, "n": n, "k": k}
 
 
+def updates_view(made: dict) -> None:
+    """Section 2b: what a merge keeps of each specialist's own update, and the cross-term energy, per module."""
+    st.markdown("**2b · What each merge keeps of the specialists' updates** — per module, the merged update "
+                "written as Σₖ cₖ·(sₖBₖAₖ) + rest: cₖ is specialist k's surviving share (1 = whole), the rest's "
+                "share of the energy is the cross terms no specialist made.")
+    pick = st.selectbox("merge", list(made), index=len(made) - 1, key="mg_upd")
+    rep = made[pick].get("updates")
+    if not rep:
+        st.info("This merge has no update report.")
+        return
+    names = state.workspace().sset.names
+    cols = st.columns(len(names) + 1)
+    for c, n in zip(cols, names):
+        c.metric(f"mean share · {n}", f"{rep['summary'][f'share {n}']:.3f}")
+    cols[-1].metric("mean cross energy", f"{rep['summary']['cross energy']:.1%}")
+    df = pd.DataFrame(rep["modules"])
+    df.insert(0, "block", df.pop("layer") + 1)
+    qty = [c for c in df.columns if c.startswith(("share", "cross"))]
+    per_block = df.groupby("block", as_index=False)[qty].mean().melt(id_vars=["block"], var_name="quantity",
+                                                                     value_name="mean over the block's modules")
+    fig = px.line(per_block, x="block", y="mean over the block's modules", color="quantity", markers=True,
+                  title=f"{pick}: surviving share of each update and cross-term energy ({rep['space']} space)",
+                  color_discrete_sequence=list(figures.color_map(qty).values()))
+    fig.update_layout(height=340)
+    show_figure(fig, df, f"update shares {pick}", key="mg_upd_fig")
+
+
 # ------------------------------------------------------------------------------------ page
 st.title("Merge")
 st.caption("Merge the specialists' LoRA adapters with ES-Merging or a baseline (all element-wise on the A and B "
@@ -92,6 +127,16 @@ with guard():
                         help="The engine's registry (esm_core.merge): ES-Merging first, then the baselines.")
     m = get_method(name)
     st.markdown(f"**{m.pretty}** — {m.summary}")
+    cfg = state.method()
+    s1, s2 = st.columns([2, 1])
+    space = s1.radio("merge space", ["factors", "delta"], index=["factors", "delta"].index(cfg.merge_space),
+                     horizontal=True, key="mg_space", help=MethodConfig.help("merge_space"),
+                     format_func={"factors": "factors A, B (Eq. 1)", "delta": "updates s·B·A, re-factorised (SVD)"}.get)
+    rank = int(s2.number_input("rank of a delta merge (0 = sum of ranks)", 0, 100_000, int(cfg.delta_rank),
+                               key="mg_delta_rank", disabled=space != "delta", help=MethodConfig.help("delta_rank")))
+    if (space, rank) != (cfg.merge_space, cfg.delta_rank):
+        state.set_method(cfg.replace(merge_space=space, delta_rank=rank))
+    st.caption(EQ1_NOTE)
     st.caption(f"Paper: [{m.paper}]({m.url})" + (" · " + "; ".join(NEEDS[n] for n in sorted(m.needs) if n in NEEDS)
                                                    if m.needs else " · closed form, instant"))
     params = param_controls(m, "mg")
@@ -131,6 +176,7 @@ with guard():
         if batches:
             shared.record_learned_speed(m.name, secs / batches)
         st.session_state["mg_dl"] = new  # the download section offers the newest merge
+        st.session_state["mg_upd"] = new  # and section 2b shows it
         status.update(label=f"{new}: done in {secs:.1f} s", state="complete", expanded=False)
         st.success(f"**{new}** is loaded next to the specialists." + (f" Trained on {data_note}." if data_note else ""))
 
@@ -141,6 +187,7 @@ with guard():
         st.info("No merges yet: choose a method above and press Merge.")
     else:
         st.dataframe(pd.DataFrame(merge_data.merge_rows(made)), hide_index=True, width="stretch", key="mg_list")
+        updates_view(made)
 
 with guard():
     # ------------------------------------------------------------------ comparison

@@ -373,3 +373,28 @@ def test_skill_training_prompts_come_from_the_train_split():
     assert [p.text() for p in again] == [p.text() for p in ps]
     with pytest.raises(Exception, match="Unknown"):
         skill_training_prompts(["no_such_skill"], 2)
+
+
+def test_delta_space_merge_and_what_each_merge_keeps_of_the_updates(app):
+    app.selectbox(key="mg_method").select("average")
+    app.run()
+    _click(app, "mg_run")  # factors (the default)
+    app.radio(key="mg_space").set_value("delta")
+    app.run()
+    assert app.session_state["esm"].method.merge_space == "delta"
+    _click(app, "mg_run")
+    made = app.session_state["esm"].merges
+    assert list(made) == ["merged_average_1", "merged_average_2"]
+    assert made["merged_average_2"]["output"].info["space"] == "delta"
+    rows = _dataframe_with(app, "space")
+    assert rows["space"].tolist()[0] == "factors" and rows["space"].tolist()[1].startswith("delta (rank ")
+    metrics = {m.label: m.value for m in app.metric}
+    # an average of the updates keeps a third of each, with no cross terms
+    shares = [float(v) for k, v in metrics.items() if k.startswith("mean share")]
+    assert shares and all(abs(s - 1 / 3) < 1e-3 for s in shares), metrics
+    assert metrics["mean cross energy"] == "0.0%"
+    app.selectbox(key="mg_upd").select("merged_average_1")
+    app.run()
+    factors = {m.label: m.value for m in app.metric}
+    assert float(factors["mean cross energy"].rstrip("%")) > 30  # Eq. 1 on factors: mostly cross terms
+    assert all(float(v) < 0.2 for k, v in factors.items() if k.startswith("mean share"))

@@ -143,17 +143,27 @@ def test_learned_methods_take_the_delta_space_too(workspace):
 
 def test_update_shares_show_what_eq1_on_factors_does(sset):
     ctx = MergeContext.from_specialists(sset)
-    dW = space.deltas(ctx.tensors, ctx.scaling)
     fac = get_method("average").run(ctx, {})
     delta = get_method("average").run(MergeContext.from_specialists(sset, space="delta"), {})
-    rows_f = space.update_shares(fac.tensors, dW, merged_scale=ctx.scaling(sset.names[0], 0, "self_attn.q_proj"))
-    rows_d = space.update_shares(delta.tensors, dW)
+    s = ctx.scaling(sset.names[0], 0, "self_attn.q_proj")
+    rows_f = space.update_shares(fac.tensors, ctx.tensors, ctx.scaling, merged_scale=s)
+    rows_d = space.update_shares(delta.tensors, ctx.tensors, ctx.scaling)
     for r in rows_d:  # an average of updates keeps a third of each and adds nothing else
         assert r["cross energy"] < 1e-8
         assert all(r[f"share {n}"] == pytest.approx(1 / 3, abs=1e-5) for n in sset.names)
     assert np.mean([r["cross energy"] for r in rows_f]) > 0.3  # Eq. 1 on factors: mostly cross terms B_j A_k
     shares = [r[f"share {n}"] for r in rows_f for n in sset.names]
     assert np.mean(shares) == pytest.approx(1 / 9, abs=0.04)  # about lambda^2 = 1/K^2, not 1/K
+    # the factor-form arithmetic equals a plain least squares on the full updates (numpy)
+    dW = peft_deltas(sset)
+    for r in rows_f[:4]:
+        k = LoraKey(r["layer"], r["module"], "W")
+        X = np.stack([dW[n][k].double().numpy().ravel() for n in sset.names], 1)
+        y = (s * fac.tensors[LoraKey(k.layer, k.module, "B")] @ fac.tensors[LoraKey(k.layer, k.module, "A")])
+        y = y.double().numpy().ravel()
+        c, *_ = np.linalg.lstsq(X, y, rcond=None)
+        np.testing.assert_allclose([r[f"share {n}"] for n in sset.names], c, rtol=1e-5, atol=1e-8)
+        assert r["cross energy"] == pytest.approx(float(((y - X @ c) ** 2).sum() / (y @ y)), rel=1e-4)
 
 
 def test_every_method_name_is_covered():
@@ -167,3 +177,25 @@ def test_an_unknown_space_is_refused():
                                                    LoraKey(0, "q", "B"): torch.ones(2, 1)}}, space="weights")
     with pytest.raises(ESMError, match="Merge space 'weights'"):
         get_method("average").run(ctx, {})
+
+
+def test_the_cli_merges_in_delta_space_and_reports_what_each_update_keeps(world, tmp_path):
+    import json
+
+    from conftest import write_run_yaml
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from esm_core.cli import main as cli
+
+    run_yaml = write_run_yaml(tmp_path, world)
+    out = tmp_path / "ties_delta"
+    assert cli(["merge", "--config", str(run_yaml), "--out", str(out), "--method", "ties", "--param", "density=0.5",
+                "--set", "merge_space=delta", "--set", "delta_rank=8", "--no-progress"]) == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == 8
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["updates"]["space"] == "delta" and len(man["updates"]["modules"]) == 14
+    assert set(man["updates"]["summary"]) == {"share mol", "share prot", "share cell", "cross energy"}
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(world["base"])), str(out))

@@ -106,6 +106,7 @@ def merge_rows(merges: dict) -> list[dict]:
     for n, e in merges.items():
         out = e["output"]
         rows.append(dict(name=n, method=e["pretty"], parameters=fmt_params(e["params"]),
+                         space=(f"delta (rank {out.rank})" if out.info.get("space") == "delta" else "factors"),
                          coefficients="per element" if out.coefficients is not None else "none",
                          details=fmt_info(out.info), data=e.get("data") or "—",
                          scaling="folded into B" if e["folded"] else "shared",

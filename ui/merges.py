@@ -15,6 +15,7 @@ from dataclasses import replace
 from esm_core.config import MethodConfig
 from esm_core.errors import ESMError
 from esm_core.merging.base import MergeContext
+from esm_core.merging.output import update_report
 from esm_core.merging.registry import get_method
 
 from . import caches, shared, state
@@ -70,7 +71,7 @@ def run_merge(method_name: str, params: dict, *, data=None, progress=None) -> st
     name = merge_name(method_name)
     merges()[name] = dict(method=method_name, pretty=method.pretty, params=out.info.get("params", params),
                           output=out, folded=ctx.folded, scalings=ctx.scalings, key=state.run_key(),
-                          adapter=f"{name}__{current().tag}",
+                          adapter=f"{name}__{current().tag}", updates=update_report(out, ctx, ctx.folded),
                           es_config=res.config.resolved() if res is not None else None)
     return name
 

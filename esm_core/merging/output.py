@@ -20,6 +20,7 @@ from pathlib import Path
 
 from esm_core.adapters import save_adapter_files
 from esm_core.io import Input, Reservation, dir_hashes, file_hash, package_versions, reserve_output, zip_files
+from esm_core.merging import space
 from esm_core.merging.base import MergeContext, MergeOutput
 from esm_core.pipeline import result_metadata, result_tensors
 from esm_core.runspec import run_spec_to_dict
@@ -79,9 +80,24 @@ def write_merged_into(tmp: Path, out: MergeOutput, sset, *, spec=None, es_result
     manifest = build_manifest(sset, spec=spec, es_result=es_result, out=out, folded=folded,
                               scalings=ctx.scalings if ctx else {}, encoders=enc)
     manifest["timings"].update({"write_s": time.perf_counter() - t0})
+    if ctx is not None:
+        manifest["updates"] = update_report(out, ctx, folded)
     if manifest_extra:
         manifest.update(manifest_extra)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+
+
+def update_report(out: MergeOutput, ctx: MergeContext, folded: bool) -> dict:
+    """What the merged update keeps of each specialist's update, per module (esm_core/merging/space.py)."""
+    one = folded or out.scaling_one
+
+    def merged_scale(layer, module):
+        return 1.0 if one else ctx.scaling(ctx.names[0], layer, module)
+
+    rows = space.update_shares(out.tensors, ctx.tensors, ctx.scaling, merged_scale=merged_scale)
+    return {"space": ctx.space, "summary": space.share_summary(rows, ctx.names), "modules": rows,
+            "note": "share k: least-squares weight of specialist k's own update s_k B_k A_k in the merged "
+                    "update; cross energy: the fraction of the merged update's energy outside their span"}
 
 
 def _copy_encoders(tmp: Path, spec) -> dict:

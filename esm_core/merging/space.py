@@ -107,22 +107,45 @@ def refactorise(dW: dict[LoraKey, torch.Tensor], rank: int) -> tuple[dict[LoraKe
     return factors, residual
 
 
+def _inner(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> float:
+    """<B1 A1, B2 A2> (Frobenius) from the factors: sum((B1^T B2) * (A1 A2^T)), never forming B A."""
+    return float(((b1.double().T @ b2.double()) * (a1.double() @ a2.double().T)).sum())
+
+
 def update_shares(merged: dict[LoraKey, torch.Tensor], specialists: dict[str, dict[LoraKey, torch.Tensor]],
-                  merged_scale: float = 1.0) -> list[dict]:
+                  scaling, merged_scale: float = 1.0) -> list[dict]:
     """Per module: how much of each specialist's own update survives in the merged update, and how
     much of the merged update no specialist made.
 
     The merged update is written as sum_k c_k dW_k + rest (least squares): ``share k`` = c_k (1 = the
     update survives whole; lambda_k for a delta-space merge; about lambda_k^2 for Eq. 1 on factors),
-    ``cross energy`` = ||rest||^2 / ||merged||^2 (terms such as B_j A_k that no specialist has)."""
+    ``cross energy`` = ||rest||^2 / ||merged||^2 (terms such as B_j A_k that no specialist has).
+    Computed from the factors (inner products of r x r Gram matrices), so it is cheap at 8B too.
+    ``scaling(name, layer, module)``: each specialist's PEFT scaling; ``merged_scale``: the merge's (a number
+    or a function of (layer, module))."""
+    names = list(specialists)
     rows = []
-    for k, d in product(merged, merged_scale).items():
-        X = torch.stack([specialists[n][k].flatten().double() for n in specialists], 1)  # [numel, K]
-        y = d.flatten().double()
-        c = torch.linalg.lstsq(X, y.unsqueeze(-1)).solution.squeeze(-1)
-        row = {"layer": k.layer, "module": k.module}
-        row.update({f"share {n}": float(v) for n, v in zip(specialists, c)})
-        yy = float(y @ y)
-        row["cross energy"] = float(((y - X @ c) ** 2).sum()) / yy if yy > 0 else 0.0
+    for l, m in modules(merged):
+        kA, kB = LoraKey(l, m, "A"), LoraKey(l, m, "B")
+        f = [(scaling(n, l, m) * specialists[n][kB].float(), specialists[n][kA].float()) for n in names]
+        ms = merged_scale(l, m) if callable(merged_scale) else merged_scale
+        mb, ma = ms * merged[kB].float(), merged[kA].float()
+        G = torch.tensor([[_inner(*fj, *fk) for fk in f] for fj in f], dtype=torch.float64)
+        g = torch.tensor([_inner(*fk, mb, ma) for fk in f], dtype=torch.float64)
+        yy = _inner(mb, ma, mb, ma)
+        c = torch.linalg.lstsq(G, g.unsqueeze(-1)).solution.squeeze(-1)
+        row = {"layer": l, "module": m}
+        row.update({f"share {n}": float(v) for n, v in zip(names, c)})
+        # ||y - X c||^2 = yy - 2 c.g + c^T G c
+        rest = yy - 2 * float(c @ g) + float(c @ G @ c)
+        row["cross energy"] = max(rest, 0.0) / yy if yy > 0 else 0.0
         rows.append(row)
     return rows
+
+
+def share_summary(rows: list[dict], names: list[str]) -> dict:
+    """Mean share per specialist and mean cross energy over the modules."""
+    n = max(len(rows), 1)
+    out = {f"share {k}": sum(r[f"share {k}"] for r in rows) / n for k in names}
+    out["cross energy"] = sum(r["cross energy"] for r in rows) / n
+    return out
