@@ -210,13 +210,15 @@ def run_naive(world, spec, samples, shape) -> dict:
         lm = m.get_base_model() if hasattr(m, "get_base_model") else m
         return lm, lm.model.layers
 
-    def forward(m, x, mask):
+    def forward(m, x, mask, final_norm=False):
         lm, layers = blocks_of(m)
         outs = [None] * len(layers)
         hs = [layers[l].register_forward_hook(lambda mod, a, o, l=l: outs.__setitem__(l, o)) for l in range(len(layers))]
-        lm.model(inputs_embeds=x, attention_mask=mask)
+        o = lm.model(inputs_embeds=x, attention_mask=mask, output_hidden_states=final_norm)
         for h in hs:
             h.remove()
+        if final_norm:  # the authors' element signal reads output_hidden_states, normalised at block L
+            outs[-1] = o.hidden_states[-1]
         return [x, *outs]
 
     mods = batcher.probes.modalities
@@ -246,9 +248,10 @@ def run_naive(world, spec, samples, shape) -> dict:
         for idx in units:
             batch = batcher.batch(idx)
             x = batch.inputs_embeds.detach()
+            fn = cfg.element_last_block == "final_norm"
             with torch.no_grad():
-                hb = forward(base, x, batch.attention_mask)
-            hk = forward(specs[n], x, batch.attention_mask)
+                hb = forward(base, x, batch.attention_mask, fn)
+            hk = forward(specs[n], x, batch.attention_mask, fn)
             for m in el_mods:
                 mask = batch.masks[m]
                 for l in range(1, L + 1):
@@ -264,10 +267,16 @@ def run_naive(world, spec, samples, shape) -> dict:
     t_pass = time.perf_counter() - t1
     t2 = time.perf_counter()
     P = projections(batcher.sset.hidden_size, cfg.n_projections, cfg.seed).numpy()
+    stream = np.random.RandomState(cfg.seed)  # the authors' per-pair draws (swd_projections=per_pair_stream)
     D = np.zeros((len(names), len(mods), L + 1))
     for ki in range(len(names)):
         for mi, m in enumerate(mods):
             for l in range(L + 1):
+                if cfg.swd_projections == "per_pair_stream" and l > 0:
+                    raw = stream.randn(cfg.n_projections, batcher.sset.hidden_size)
+                    P = (raw / np.linalg.norm(raw, axis=1, keepdims=True)).T
+                elif l == 0:
+                    P = projections(batcher.sset.hidden_size, cfg.n_projections, cfg.seed).numpy()
                 X, Y = pooled[m][0, l], pooled[m][ki + 1, l]
                 if cfg.standardize:
                     sc = StandardScaler().fit(np.vstack([X, Y]))

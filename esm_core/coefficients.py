@@ -64,9 +64,11 @@ def swd_matrix(states, n_specialists: int, cfg, *, n_projections: int | None = N
     """D [K, M, L+1]: SWD between base and each specialist, per modality and layer, shared projections."""
     first = states.pooled[states.modalities[0]]
     d = first.shape[-1]
-    P = projections(d, n_projections or cfg.n_projections, cfg.seed if seed is None else seed,
-                    dtype=dtype, device=device or "cpu")
+    n_proj = n_projections or cfg.n_projections
+    P = projections(d, n_proj, cfg.seed if seed is None else seed, dtype=dtype, device=device or "cpu")
     K = n_specialists
+    if getattr(cfg, "swd_projections", "shared") == "per_pair_stream":
+        return _swd_per_pair(states, K, cfg, P, n_proj, cfg.seed if seed is None else seed, log=log)
     Ds, emds = [], []
     for m in states.modalities:
         pooled = states.pooled[m]  # [n_models, L+1, N, d]; model 0 = base
@@ -79,6 +81,35 @@ def swd_matrix(states, n_specialists: int, cfg, *, n_projections: int | None = N
     if log:
         return D, {"projected_emd": torch.stack(emds, dim=1).float().cpu(), "projections": P.cpu()}
     return D
+
+
+def _swd_per_pair(states, K: int, cfg, P0: torch.Tensor, n_proj: int, seed: int, log: bool):
+    """The authors' projections: for each specialist, modality and block (that loop order) a fresh
+    [n_proj, d] standard-normal draw from ONE numpy stream seeded with ``seed``, rows made unit
+    directions. Block 0 (the inputs, identical for every model: D_0 = 0) takes the shared set P0 and
+    no draw from the stream."""
+    import numpy as np
+
+    rs = np.random.RandomState(int(seed))
+    mods = states.modalities
+    L1 = states.pooled[mods[0]].shape[1]
+    D = torch.zeros(K, len(mods), L1, dtype=torch.float64)
+    emd = torch.zeros(K, len(mods), L1, n_proj, dtype=torch.float64)
+    for k in range(K):
+        for mi, m in enumerate(mods):
+            pooled = states.pooled[m]
+            for l in range(L1):
+                if l == 0:
+                    P = P0
+                else:
+                    raw = torch.from_numpy(rs.randn(n_proj, pooled.shape[-1])).T
+                    P = (raw / torch.linalg.vector_norm(raw, dim=0, keepdim=True)).to(P0.dtype).to(P0.device)
+                d, lg = sliced_wasserstein(pooled[0, l], pooled[k + 1, l], P, p=cfg.swd_p,
+                                           standardize=cfg.standardize, log=True)
+                D[k, mi, l], emd[k, mi, l] = d, lg["projected_emd"]
+    if log:
+        return D.float(), {"projected_emd": emd.float(), "projections": P0.cpu()}
+    return D.float()
 
 
 def modality_weights(modalities: list[str], own: list[str | None], other_weight: float) -> torch.Tensor:

@@ -46,6 +46,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         element_group=1,
         zscore_scope="layer",
         tau_elem=0.5,
+        swd_projections="shared",
+        element_last_block="block_output",
     ),
     # The authors' reference code (docs/METHOD.md section 5, the `reference` column).
     "reference": dict(
@@ -62,6 +64,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         element_group=2,
         zscore_scope="tensor",
         tau_elem=0.1,
+        swd_projections="per_pair_stream",
+        element_last_block="final_norm",
     ),
 }
 DEFAULT_PRESET = "reference"
@@ -103,7 +107,12 @@ class MethodConfig:
         True, "Standardise base and specialist points together per (specialist, modality, layer) before SWD "
         "(StandardScaler, as in the reference code).", "swd")
     n_projections: Int(1, 16_384) = _f(
-        1024, "Random projections of the sliced Wasserstein distance (shared by all sets).", "swd")
+        1024, "Random projections of the sliced Wasserstein distance.", "swd")
+    swd_projections: Literal["shared", "per_pair_stream"] = _f(
+        "per_pair_stream", "Which projections each SWD uses: 'shared' = one set for every (specialist, modality, "
+        "layer) (comparable values; the paper's text says nothing else), 'per_pair_stream' = a fresh set for each "
+        "(specialist, modality, block) drawn in that loop order from one numpy stream seeded with `seed` (the "
+        "authors' code).", "swd")
     swd_p: Float(1.0, 32.0) = _f(2.0, "Order p of the sliced Wasserstein distance.", "swd")
     first_delta: Literal["diff", "raw"] = _f(
         "raw", "Increment at the first block: 'diff' = D_1 - D_0 (paper text), 'raw' = D_1 itself (reference "
@@ -119,6 +128,10 @@ class MethodConfig:
     element_modalities: Literal["all", "own"] = _f(
         "own", "Modalities whose tokens enter the element signal: 'all' (paper) or the specialist's 'own' "
         "modality (reference code).", "pass")
+    element_last_block: Literal["block_output", "final_norm"] = _f(
+        "final_norm", "Hidden state of the LAST block in the element signal: 'block_output' (as every other block, "
+        "and as the layer signal) or 'final_norm' = after the model's final RMSNorm (the authors' code reads "
+        "output_hidden_states[L], which transformers returns normalised).", "pass")
     element_group: Int(1, 4096) = _f(
         2, "Probes per gradient unit: the absolute value is taken of each unit's gradient (1 = per-sample, "
         "paper; 2 = the reference code's mini-batch).", "pass")

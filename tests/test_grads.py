@@ -38,6 +38,15 @@ def oracle_scores(ws, cfg, name):
                 p.requires_grad_(True)
             with torch.enable_grad():
                 hk = forward_blocks(sset, batch)  # full graph: no detaching
+                if cfg.element_last_block == "final_norm":
+                    # what the authors' code reads: transformers' output_hidden_states, whose last entry
+                    # is after the final norm
+                    dec = sset.lm.get_decoder()
+                    hk[-1] = dec(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                 output_hidden_states=True).hidden_states[-1]
+                    with torch.no_grad(), sset.use(None):
+                        hb[-1] = dec(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                     output_hidden_states=True).hidden_states[-1]
                 for m in mods:
                     mask = batch.masks[m]
                     for l in range(1, len(hk)):
@@ -59,6 +68,7 @@ def oracle_scores(ws, cfg, name):
     ("paper", {}),  # frobenius, all modalities, per-sample units
     ("reference", {}),  # mse, own modality, units of 2 probes
     ("reference", {"element_modalities": "all", "element_group": 3}),
+    ("reference", {"element_last_block": "block_output"}),
     ("paper", {"element_group": 2, "batch_size": 3}),  # batch size rounded up to a multiple of the unit
 ])
 def test_batched_scores_equal_loop_oracle(ws64, preset, overrides):

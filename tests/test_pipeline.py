@@ -58,14 +58,20 @@ def test_identical_specialists_give_one_over_k(world, tmp_path):
             assert torch.allclose(v, torch.full_like(v, 1 / 3), atol=1e-6)
 
 
-def test_permuting_specialists_permutes_coefficients(world, result):
+def test_permuting_specialists_permutes_coefficients(world, workspace, result):
+    """With shared projections the coefficients follow the specialists; with the authors' per-pair
+    stream (the reference default) each specialist's projections depend on its place in the list."""
     perm_names = ("cell", "mol", "prot")
     ws = Workspace.from_spec(make_spec(world, names=perm_names, mods=("cell", "molecule", "protein")), samples=SAMPLES)
-    res = estimate(ws)
+    shared = result.config.replace(swd_projections="shared")
+    res, ref = estimate(ws, shared), estimate(workspace, shared)
     order = [2, 0, 1]  # position in the original order of cell, mol, prot
-    assert torch.allclose(res.layer.D, result.layer.D[order], atol=1e-6)
-    for k in result.lam:
-        assert torch.allclose(res.lam[k], result.lam[k][order], atol=1e-5)
+    assert torch.allclose(res.layer.D, ref.layer.D[order], atol=1e-6)
+    for k in ref.lam:
+        assert torch.allclose(res.lam[k], ref.lam[k][order], atol=1e-5)
+    stream = estimate(ws)
+    assert stream.config.swd_projections == "per_pair_stream"
+    assert not torch.allclose(stream.layer.D, result.layer.D[order], atol=1e-4)
 
 
 def test_recompute_cheap_changes_equal_a_fresh_run(workspace, result):

@@ -79,6 +79,18 @@ def layer_losses(h: torch.Tensor, base_h: torch.Tensor, masks: dict, mods: list[
     return losses
 
 
+def last_block_norm(sset):
+    """The decoder's final norm (RMSNorm for LLaMA): the base's weights, applied position-wise."""
+    decoder = sset.lm.get_decoder() if hasattr(sset.lm, "get_decoder") else sset.lm
+    norm = getattr(decoder, "norm", None)
+    if norm is None:
+        from esm_core.errors import ESMError
+
+        raise ESMError("element_last_block=final_norm needs the decoder's final norm, and this model has none "
+                       "(no `norm` on its decoder).", fix="set element_last_block to block_output.")
+    return norm
+
+
 def units_for(batch_indices: list[int], group: int) -> tuple[torch.Tensor, int]:
     """Unit of each sample in a batch (units = consecutive probes in groups of `group`, global order),
     numbered 0..U-1 in order of first appearance in the batch."""
@@ -115,6 +127,8 @@ def compute_signals(sset, batcher: ProbeBatcher, cfg, *, need_element: bool = Tr
     steps = len(chunks) * (1 + len(names))
     done, t_fwd, t_bwd, units = 0, 0.0, 0.0, 0
     mods_of = {n: (element_modalities(sset, cfg, n) or batcher.probes.modalities) for n in names}
+    L = sset.num_layers
+    final_norm = last_block_norm(sset) if getattr(cfg, "element_last_block", "block_output") == "final_norm" else None
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(sset.exclusive("estimation"))  # hooks and grad flags live on the shared model
@@ -148,7 +162,11 @@ def compute_signals(sset, batcher: ProbeBatcher, cfg, *, need_element: bool = Tr
                         def backward_now(l, h, gr=gr, masks=masks, e=e, mods=mods_of[n], clock=clock):
                             # block streaming: this block's loss and backward now, then its graph is freed
                             tb = time.perf_counter()
-                            losses = layer_losses(h[:, :e], base_outs[l + 1][:, :e], masks, mods, cfg, unit)
+                            hb = base_outs[l + 1][:, :e]
+                            h = h[:, :e]
+                            if final_norm is not None and l == L - 1:  # the authors' output_hidden_states[L]
+                                h, hb = final_norm(h), final_norm(hb)
+                            losses = layer_losses(h, hb, masks, mods, cfg, unit)
                             for i, loss in enumerate(losses):
                                 torch.autograd.grad(loss, gr.params, retain_graph=i < len(losses) - 1,
                                                     allow_unused=True)
