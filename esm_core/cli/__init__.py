@@ -3,6 +3,7 @@
     coefficients, merge, methods, settings   esm_core/cli/core.py
     import                                   esm_core/cli/importing.py
     extract-lora                             esm_core/cli/extract.py
+    stability                                esm_core/cli/stability.py
     evaluate, compare                        esm_core/cli/bench.py
     zoo build | skills | results | demo-data esm_core/cli/zoo.py
 
@@ -15,10 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from esm_core.cli import bench, core, extract, importing, zoo
+from esm_core.cli import bench, core, extract, importing, stability, zoo
 from esm_core.errors import Cancelled, ESMError
 
-COMMANDS = [*core.COMMANDS, *importing.COMMANDS, *extract.COMMANDS, *bench.COMMANDS, *zoo.COMMANDS]
+COMMANDS = [*core.COMMANDS, *importing.COMMANDS, *extract.COMMANDS, *stability.COMMANDS, *bench.COMMANDS,
+            *zoo.COMMANDS]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,8 +116,9 @@ def grad_prefix(batch, mods: list[str]) -> int:
 
 
 def compute_signals(sset, batcher: ProbeBatcher, cfg, *, need_element: bool = True,
-                    progress: ProgressFn | None = None) -> Signals:
-    """Hidden states of base and specialists, and (unless need_element=False) raw element scores."""
+                    progress: ProgressFn | None = None, n_groups: int | None = None) -> Signals:
+    """Hidden states of base and specialists, and (unless need_element=False) raw element scores.
+    ``n_groups``: scores kept per group of units ([G, *shape]; unit u in group u % G)."""
     t0 = time.perf_counter()
     names = list(sset.names)
     col = StateCollector(["base", *names], batcher.probes, sset.num_layers, sset.hidden_size, cfg.token_layers)
@@ -135,11 +136,13 @@ def compute_signals(sset, batcher: ProbeBatcher, cfg, *, need_element: bool = Tr
         grads = {}
         if need_element:
             for n in names:
-                grads[n] = stack.enter_context(PerUnitAbsGrad(sset, n))
+                grads[n] = stack.enter_context(PerUnitAbsGrad(sset, n, n_groups=n_groups))
         for idx in chunks:
             batch = batcher.batch(idx)
             unit, n_units = units_for(idx, group)
             units += n_units
+            global_units = list(dict.fromkeys(i // group for i in idx))  # in the order of units_for's ids
+            group_of_unit = torch.tensor([u % n_groups for u in global_units]) if n_groups else None
             ts = time.perf_counter()
             with torch.no_grad(), sset.use(None):
                 base_outs = forward_blocks(sset, batch)
@@ -154,7 +157,7 @@ def compute_signals(sset, batcher: ProbeBatcher, cfg, *, need_element: bool = Tr
                         ts = time.perf_counter()
                         gr = grads[n]
                         gr.arm()
-                        gr.set_units(unit, n_units)
+                        gr.set_units(unit, n_units, group_of_unit)
                         e = grad_prefix(batch, mods_of[n]) or batch.inputs_embeds.shape[1]
                         masks = {m: batch.masks[m][:, :e] for m in mods_of[n]}
                         clock = {"bwd": 0.0}

@@ -32,7 +32,12 @@ class PerUnitAbsGrad:
     then one or more ``torch.autograd.grad`` calls; each backward adds its unit-wise |grad|.
     """
 
-    def __init__(self, sset, name: str, keys: list[LoraKey] | None = None, accumulate_dtype=None):
+    def __init__(self, sset, name: str, keys: list[LoraKey] | None = None, accumulate_dtype=None,
+                 n_groups: int | None = None):
+        """``n_groups``: keep the sums per group of units, scores [G, *shape] (for the bootstrap of
+        esm_core/analysis/stability.py); their sum over groups is the usual score."""
+        self.n_groups = n_groups
+        self._group = None
         self.sset = sset
         self.name = name
         self.keys = keys or sset.lora_keys
@@ -52,7 +57,8 @@ class PerUnitAbsGrad:
             a, b, _ = self.sset.lora_layer(self.name, k)
             lin = a if k.ab == "A" else b
             modules[k] = lin
-            self.scores[k] = torch.zeros(lin.weight.shape, dtype=self._dtype, device=lin.weight.device)
+            shape = lin.weight.shape if self.n_groups is None else (self.n_groups, *lin.weight.shape)
+            self.scores[k] = torch.zeros(shape, dtype=self._dtype, device=lin.weight.device)
             self.params.append(lin.weight)
             self._handles.append(lin.register_forward_hook(self._forward_hook(k)))
         return self
@@ -70,10 +76,12 @@ class PerUnitAbsGrad:
         for p in self.params:
             p.requires_grad_(True)
 
-    def set_units(self, unit_of_sample: torch.Tensor, n_units: int) -> None:
-        """unit_of_sample: [b] long, the unit each sample of the batch belongs to (-1 = ignore)."""
+    def set_units(self, unit_of_sample: torch.Tensor, n_units: int, group_of_unit: torch.Tensor | None = None) -> None:
+        """unit_of_sample: [b] long, the unit each sample of the batch belongs to (-1 = ignore).
+        group_of_unit: [n_units] long, when the scores are kept per group of units (``n_groups``)."""
         self._unit = unit_of_sample
         self._n_units = n_units
+        self._group = group_of_unit
 
     # ---------------------------------------------------------------- hooks
     def _forward_hook(self, key: LoraKey):
@@ -85,7 +93,10 @@ class PerUnitAbsGrad:
 
     def _grad_hook(self, key: LoraKey, x: torch.Tensor):
         def hook(g: torch.Tensor):
-            self.scores[key] += self.unit_grads(g, x).abs().sum(0)
+            if self.n_groups is None:
+                self.scores[key] += self.unit_grads(g, x).abs().sum(0)
+            else:
+                self.scores[key].index_add_(0, self._group.to(g.device), self.unit_grads(g, x).abs())
             return None
         return hook
 
