@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from esm_core.coefficients import disagreements
-from ui import figures
+from ui import figures, state
 from ui.widgets import csv_bytes, guard, method_controls, need_result, preset_badge, show_figure
 
 st.title("Element signals")
@@ -66,6 +66,21 @@ with guard():
                                           row_title="rank" if ab == "A" else "out-feature",
                                           col_title="in-feature" if ab == "A" else "rank")
         show_figure(fig, figures.matrix_frame(mats, what.split()[0]), f"{what} {key}", key="el_heat")
+        stab = state.stability_result()
+        if stab is not None and key in stab.stable_mask:
+            mask = stab.stable_mask[key].numpy()[r0:r1, c0:c1_].astype(float)
+            top = arr.argmax(0)[r0:r1, c0:c1_] if prob else None
+            stable = {"stable top specialist": mask}
+            if top is not None:
+                stable["top specialist where stable (index + 1; 0 = unstable)"] = (top + 1) * mask
+            fig, _ = figures.element_heatmaps(stable, f"Stable top specialist (≥ 90 % of {stab.draws} probe draws) — {key}",
+                                              zmin=0, colorscale="Cividis", offset=(r0, c0))
+            show_figure(fig, figures.matrix_frame(stable, "stable"), f"stable top {key}", key="el_stable")
+            st.caption(f"{float(mask.mean()):.1%} of this factor's elements keep their top specialist in ≥ 90 % of "
+                       "the probe bootstrap draws (Layer signals page, 'How solid is α?').")
+        else:
+            st.caption("Estimate the spread on the Layer signals page to mask the elements whose top specialist is "
+                       "not stable.")
 
         fig, df = figures.histograms({n: arr[k] for k, n in enumerate(res.specialists)},
                                      f"Distribution of {what} over this factor")

@@ -43,6 +43,27 @@ with guard():
                             "Not diagonal-dominant at this block: " + ", ".join(
                                 n for n, ok in zip(sp, diag) if not ok) + " move(s) further on another modality."))
 
+        st.subheader("How solid is α? (probe bootstrap, projection seeds)")
+        st.caption("One more pass keeps the element scores per group of probes; then B draws resample the groups "
+                   "(α from the drawn probes' cached states, β from their scores) and B other projection seeds, "
+                   "with no further pass. `python -m esm_core stability` gives the same with a per-module table.")
+        b1, b2 = st.columns([3, 1])
+        draws = int(b1.slider("draws (B)", 2, 50, 20, key="ls_stab_draws"))
+        if b2.button("Estimate the spread", key="ls_stab_btn"):
+            bar = st.progress(0.0, text="Grouped pass over the probes ...")
+            state.run_stability(draws, progress=lambda msg, f: bar.progress(min(max(f, 0.0), 1.0), text=msg))
+            bar.empty()
+        stab = state.stability_result()
+        if stab is not None:
+            fig, df = figures.alpha_errorbars(stab.alpha, stab.alpha_boot.std(0), stab.alpha_seed.std(0), sp)
+            show_figure(fig, df, "alpha with error bars", key="ls_stab_fig")
+            s = stab.summary()
+            st.caption(f"{stab.draws} draws over {stab.groups} groups of units, {stab.seconds['total_s']:.0f} s · "
+                       f"elements whose top specialist is stable in ≥ 90 % of draws: {s['stable top (probes)']:.1%} "
+                       f"(probes), {s['stable top (seeds)']:.1%} (seeds) · mean std of α by samples per modality: "
+                       + ", ".join(f"{n}: {v:.4f}" for n, v in s["alpha std by probes"].items())
+                       + " · the Element signals page masks the unstable elements.")
+
         st.subheader("How α settles with more projections (Table 7)")
         st.caption("α recomputed with several independent sets of random projections per count; the spread "
                    "across sets shrinks as the number of projections grows.")

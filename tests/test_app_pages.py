@@ -160,3 +160,22 @@ def test_query_page_answers_side_by_side(app_env):
     p = df[["p(Yes)", "p(No)"]].to_numpy()
     assert np.allclose(p.sum(1), 1.0, atol=1e-5)
     assert (df["answer_likelihood"] == np.where(p[:, 0] >= p[:, 1], "Yes", "No")).all()
+
+
+def test_layer_page_error_bars_and_the_element_page_stable_mask(app_env):
+    at = _computed_app("layer_signals")
+    at.slider(key="ls_stab_draws").set_value(3).run()
+    at.button(key="ls_stab_btn").click().run()
+    _ok(at)
+    stab = at.session_state["esm"].stability[1]
+    fig = next(f for f in _figures(at) if "±1 std over probe bootstrap" in f["layout"]["title"]["text"])
+    first = fig["data"][0]
+    np.testing.assert_allclose(_arr(first["error_y"]["array"]), stab.alpha_boot.std(0)[0].numpy(), atol=1e-6)
+    assert any("stable in ≥ 90 % of draws" in c.value for c in at.caption)
+    at.switch_page("pages/element_signals.py").run()
+    _ok(at)
+    key = sorted(stab.stable_mask)[0]
+    mask = next(f for f in _figures(at) if "Stable top specialist" in f["layout"]["title"]["text"])
+    z = _arr(mask["data"][0]["z"])  # large factors are shown as block means: the share of stable elements holds
+    assert 0 < z.size <= stab.stable_mask[key].numel()
+    assert float(z.mean()) == pytest.approx(float(stab.stable_mask[key].double().mean()), abs=1e-6)

@@ -86,6 +86,26 @@ def alpha_heatmap(alpha, specialists: list[str], preset: str = "") -> tuple[go.F
     return fig, df
 
 
+def alpha_errorbars(alpha, std_probes, std_seeds, specialists: list[str]) -> tuple[go.Figure, pd.DataFrame]:
+    """alpha per block with error bars: +-1 std over probe bootstrap draws (and, dotted, over seeds)."""
+    a, sp, ss = _np(alpha), _np(std_probes), _np(std_seeds)
+    L = a.shape[1]
+    x = list(range(1, L + 1))
+    colors = color_map(specialists)
+    fig = go.Figure()
+    for k, n in enumerate(specialists):
+        fig.add_trace(go.Scatter(x=x, y=a[k], name=f"{n} (probes)", mode="lines+markers", line=dict(color=colors[n]),
+                                 error_y=dict(type="data", array=sp[k], visible=True)))
+        fig.add_trace(go.Scatter(x=[v + 0.15 for v in x], y=a[k], name=f"{n} (seeds)", mode="markers",
+                                 marker=dict(color=colors[n], symbol="diamond-open"),
+                                 error_y=dict(type="data", array=ss[k], visible=True, width=2)))
+    fig.update_layout(title="α per block, ±1 std over probe bootstrap draws and over projection seeds",
+                      xaxis_title="block", yaxis_title="α", yaxis_range=[0, 1], height=380)
+    df = pd.DataFrame([dict(block=l + 1, specialist=n, alpha=float(a[k, l]), std_probes=float(sp[k, l]),
+                            std_seeds=float(ss[k, l])) for k, n in enumerate(specialists) for l in range(L)])
+    return fig, df
+
+
 def distance_matrix(D, layer: int, specialists: list[str], modalities: list[str], preset: str = "") -> tuple[go.Figure, pd.DataFrame]:
     """Specialists x modalities SWD at one layer (Fig. 2); the row maximum is marked."""
     d = _np(D)[:, :, layer]

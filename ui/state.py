@@ -203,6 +203,25 @@ def states_of(res: ESResult):
     return replace(hs, models=["base", *res.specialists])
 
 
+def run_stability(draws: int, groups: int = 20, progress=None):
+    """Bootstrap of the probes and sweep of the projection seeds for the current selection (one grouped
+    pass on the shared model, then draws from the cached signals); kept in this session."""
+    from esm_core.analysis.stability import stability
+
+    ws = workspace()
+    cfg = method()
+    with shared_model_turn():
+        res = stability(ws, cfg, draws=draws, groups=groups, seed=cfg.seed, progress=progress)
+    current().stability = (run_key(cfg), res)
+    return res
+
+
+def stability_result():
+    """This session's stability result for the current selection, or None."""
+    s = current().stability
+    return s[1] if s is not None and s[0] == run_key() else None
+
+
 def projection_sweep(res: ESResult, counts: tuple, n_sets: int, progress=None):
     """alpha per projection count over n_sets independent projection sets (cached)."""
     return caches.projection_sweep(f"{current().run_key}:{res.config.fingerprint()}", tuple(counts), int(n_sets),
