@@ -38,12 +38,13 @@ def standardize_pair(X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def _wasserstein_1d_pp(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
-    """W_p^p between the columns of x [..., n, P] and y [..., m, P], uniform weights."""
-    xs = torch.sort(x, dim=-2).values
-    ys = torch.sort(y, dim=-2).values
-    n, m = xs.shape[-2], ys.shape[-2]
+    """W_p^p between the columns of x [..., n, P] and y [..., m, P], uniform weights -> [..., P].
+    Sorted along the last (contiguous) axis after a transpose: about twice as fast as along -2."""
+    xs = torch.sort(x.transpose(-1, -2).contiguous(), dim=-1).values  # [..., P, n]
+    ys = torch.sort(y.transpose(-1, -2).contiguous(), dim=-1).values
+    n, m = xs.shape[-1], ys.shape[-1]
     if n == m:
-        return (xs - ys).abs().pow(p).mean(dim=-2)
+        return (xs - ys).abs().pow(p).mean(dim=-1)
     # General case: integrate |F^-1(t) - G^-1(t)|^p over the merged breakpoints of the two CDFs.
     dt, dtype = xs.device, xs.dtype
     cx = torch.arange(1, n + 1, device=dt, dtype=dtype) / n
@@ -53,9 +54,9 @@ def _wasserstein_1d_pp(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tens
     mid = t - w / 2  # a point inside each interval, so the quantile is unambiguous
     ix = torch.searchsorted(cx, mid).clamp(max=n - 1)
     iy = torch.searchsorted(cy, mid).clamp(max=m - 1)
-    qx = xs.index_select(-2, ix)
-    qy = ys.index_select(-2, iy)
-    return ((qx - qy).abs().pow(p) * w.unsqueeze(-1)).sum(dim=-2)
+    qx = xs.index_select(-1, ix)
+    qy = ys.index_select(-1, iy)
+    return ((qx - qy).abs().pow(p) * w).sum(dim=-1)
 
 
 def sliced_wasserstein(X: torch.Tensor, Y: torch.Tensor, P: torch.Tensor, p: float = 2.0, *,
