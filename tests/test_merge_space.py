@@ -167,7 +167,22 @@ def test_update_shares_show_what_eq1_on_factors_does(sset):
 
 
 def test_every_method_name_is_covered():
-    assert set(STATIC) | {"es", "adamerging", "finetune"} == {m.name for m in list_methods()}
+    assert set(STATIC) | {"es", "adamerging", "finetune", "ls_merge"} == {m.name for m in list_methods()}
+
+
+def test_ls_merge_in_delta_space_loads_in_peft(sset, world, tmp_path):
+    """LS-Merge trains a VAE on the updates: its merge is checked for shape, rank and loading (the VAE's
+    training is not an exact function to compare with an oracle)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from esm_core.merging.output import write_merged
+
+    ctx = MergeContext.from_specialists(sset, seed=3, space="delta", delta_rank=6)
+    out = get_method("ls_merge").run(ctx, {"steps": 20})
+    assert out.rank == 6 and out.info["space"] == "delta" and "reconstruction_error" in out.info
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(world["base"])),
+                              str(write_merged(tmp_path / "ls", out, sset, ctx=ctx)))
 
 
 def test_an_unknown_space_is_refused():

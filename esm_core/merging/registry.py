@@ -10,11 +10,23 @@ from __future__ import annotations
 
 from esm_core.errors import ESMError
 from esm_core.merging.base import MergeMethod
-from esm_core.merging.methods import adamerging, average, consensus, dare, emr, es, finetune, pcb, task_arithmetic, ties
+from esm_core.merging.methods import (
+    adamerging,
+    average,
+    consensus,
+    dare,
+    emr,
+    es,
+    finetune,
+    ls_merge,
+    pcb,
+    task_arithmetic,
+    ties,
+)
 
 REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (
     es.METHOD, average.METHOD, task_arithmetic.METHOD, ties.METHOD, dare.LINEAR, dare.TIES, emr.METHOD, pcb.METHOD,
-    consensus.METHOD, adamerging.METHOD, finetune.METHOD)}
+    consensus.METHOD, adamerging.METHOD, finetune.METHOD, ls_merge.METHOD)}
 
 
 def register(method: MergeMethod) -> MergeMethod:
