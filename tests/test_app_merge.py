@@ -291,6 +291,7 @@ def test_zip_round_trips_through_stock_peft(world, workspace, tmp_path):
     man = json.loads((folder / "manifest.json").read_text())
     assert man["merge"]["method"] == "ties" and man["merge"]["params"]["density"] == 0.5
     assert man["merge_name"] == "merged_ties_9"
+    assert man["updates"]["space"] == "factors" and len(man["updates"]["modules"]) == len(out.tensors) // 2
     assert [s["name"] for s in man["specialists"]] == sset.names
     coef = load_file(str(folder / "coefficients.safetensors"))
     for k, v in out.coefficients.items():

@@ -80,7 +80,7 @@ def write_merged_into(tmp: Path, out: MergeOutput, sset, *, spec=None, es_result
     manifest = build_manifest(sset, spec=spec, es_result=es_result, out=out, folded=folded,
                               scalings=ctx.scalings if ctx else {}, encoders=enc)
     manifest["timings"].update({"write_s": time.perf_counter() - t0})
-    if ctx is not None:
+    if ctx is not None and ctx.tensors:
         manifest["updates"] = update_report(out, ctx, folded)
     if manifest_extra:
         manifest.update(manifest_extra)
@@ -95,7 +95,7 @@ def update_report(out: MergeOutput, ctx: MergeContext, folded: bool) -> dict:
         return 1.0 if one else ctx.scaling(ctx.names[0], layer, module)
 
     rows = space.update_shares(out.tensors, ctx.tensors, ctx.scaling, merged_scale=merged_scale)
-    return {"space": ctx.space, "summary": space.share_summary(rows, ctx.names), "modules": rows,
+    return {"space": out.info.get("space", ctx.space), "summary": space.share_summary(rows, ctx.names), "modules": rows,
             "note": "share k: least-squares weight of specialist k's own update s_k B_k A_k in the merged "
                     "update; cross energy: the fraction of the merged update's energy outside their span"}
 
@@ -163,7 +163,8 @@ def merged_files(out: MergeOutput, sset, *, spec=None, es_result=None, folded: b
     """Every file of the merged adapter directory (written into a temporary directory), by relative
     path: adapter_config.json, adapter_model.safetensors, coefficients.safetensors (when the method
     has coefficients), encoders.json + encoders/..., manifest.json. Nothing is left on disk."""
-    ctx = MergeContext(names=list(sset.names), tensors={}, folded=bool(folded), scalings=dict(scalings or {}))
+    ctx = MergeContext.from_specialists(sset)  # the specialists' factors: the manifest's update report
+    ctx.folded, ctx.scalings = bool(folded), dict(scalings or ctx.scalings)
     with tempfile.TemporaryDirectory(prefix="esm_merged_") as tmp:
         d = Path(tmp)
         write_merged_into(d, out, sset, spec=spec, es_result=es_result, ctx=ctx, manifest_extra=manifest_extra)
