@@ -266,17 +266,16 @@ def run_naive(world, spec, samples, shape) -> dict:
                         scores[n][k] += g.abs()
     t_pass = time.perf_counter() - t1
     t2 = time.perf_counter()
-    P = projections(batcher.sset.hidden_size, cfg.n_projections, cfg.seed).numpy()
+    P0 = projections(batcher.sset.hidden_size, cfg.n_projections, cfg.seed).numpy()
     stream = np.random.RandomState(cfg.seed)  # the authors' per-pair draws (swd_projections=per_pair_stream)
     D = np.zeros((len(names), len(mods), L + 1))
     for ki in range(len(names)):
         for mi, m in enumerate(mods):
             for l in range(L + 1):
+                P = P0
                 if cfg.swd_projections == "per_pair_stream" and l > 0:
                     raw = stream.randn(cfg.n_projections, batcher.sset.hidden_size)
                     P = (raw / np.linalg.norm(raw, axis=1, keepdims=True)).T
-                elif l == 0:
-                    P = projections(batcher.sset.hidden_size, cfg.n_projections, cfg.seed).numpy()
                 X, Y = pooled[m][0, l], pooled[m][ki + 1, l]
                 if cfg.standardize:
                     sc = StandardScaler().fit(np.vstack([X, Y]))

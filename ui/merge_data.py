@@ -148,7 +148,8 @@ def files_getter(name: str, entry: dict):
     def get() -> dict[str, bytes]:
         if "files" not in memo:
             memo["files"] = merged_files(entry["output"], sset, spec=sp, es_result=res, folded=entry["folded"],
-                                         scalings=entry["scalings"], manifest_extra=extra)
+                                         scalings=entry["scalings"], manifest_extra=extra,
+                                         updates=entry.get("updates"))
         return memo["files"]
 
     return get, res is not None or entry["output"].coefficients is not None or bool(entry["output"].extra_tensors)

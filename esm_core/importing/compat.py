@@ -17,7 +17,6 @@ added tokens need the specialist's own tokenizer and embedding rows.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from esm_core.adapters import ADAPTER_WEIGHTS, LoraKey, parse_peft_key
 from esm_core.errors import ESMError
+from esm_core.importing.sources import read_json
 
 CONFIG_CAP = 4 * 2**20  # config.json and tokenizer_config.json
 TOKENIZER_CAP = 64 * 2**20  # tokenizer.json (LLaMA-3's is about 9 MB)
@@ -108,18 +108,6 @@ class CompatVerdict:
                     facts=self.facts.to_json() if self.facts else None)
 
 
-def _read_json(path: Path, cap: int, what: str):
-    size = path.stat().st_size
-    if size > cap:
-        raise ESMError(f"{what}: {str(path)!r} is {size / 2**20:.1f} MiB, more than the {cap // 2**20} MiB allowed.",
-                       fix="point at the model's own config files.")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ESMError(f"{what}: {str(path)!r} is not valid JSON ({e}).", fix="point at the model's own config.json.") \
-            from None
-
-
 def _language_config(cfg: dict) -> tuple[dict, str]:
     """The config of the language model: the file itself, or a sub-config of a composite one."""
     if "hidden_size" in cfg and "num_hidden_layers" in cfg:
@@ -138,7 +126,7 @@ def _tokenizer_tokens(d: Path, what: str) -> tuple[int | None, dict[int, str]]:
     added: dict[int, str] = {}
     tj = d / "tokenizer.json"
     if tj.is_file():
-        t = _read_json(tj, TOKENIZER_CAP, what)
+        t = read_json(tj, what, TOKENIZER_CAP)
         vocab = (t.get("model") or {}).get("vocab") if isinstance(t, dict) else None
         if isinstance(vocab, dict):
             ids.update(int(v) for v in vocab.values() if isinstance(v, int))
@@ -149,13 +137,13 @@ def _tokenizer_tokens(d: Path, what: str) -> tuple[int | None, dict[int, str]]:
                 added[a["id"]] = str(a.get("content", ""))
     tc = d / "tokenizer_config.json"
     if tc.is_file():
-        c = _read_json(tc, CONFIG_CAP, what)
+        c = read_json(tc, what, CONFIG_CAP)
         for k, v in ((c.get("added_tokens_decoder") or {}) if isinstance(c, dict) else {}).items():
             if str(k).isdigit() and isinstance(v, dict):
                 added.setdefault(int(k), str(v.get("content", "")))
     at = d / "added_tokens.json"
     if at.is_file():
-        a = _read_json(at, CONFIG_CAP, what)
+        a = read_json(at, what, CONFIG_CAP)
         for text, i in (a.items() if isinstance(a, dict) else []):
             if isinstance(i, int):
                 added.setdefault(i, str(text))
@@ -177,14 +165,14 @@ def read_base_facts(path: str | Path, what: str = "Base", *, strict: bool = True
     if not cj.is_file():
         rep = p / REPORT
         if rep.is_file():
-            d = _read_json(rep, CONFIG_CAP, what)
+            d = read_json(rep, what, CONFIG_CAP)
             if isinstance(d, dict) and isinstance(d.get("source_base"), dict):
                 try:
                     return BaseFacts.from_json(d["source_base"])
                 except TypeError:
                     return None
         return None
-    raw = _read_json(cj, CONFIG_CAP, what)
+    raw = read_json(cj, what, CONFIG_CAP)
     if not isinstance(raw, dict):
         raise ESMError(f"{what}: {str(cj)!r} does not hold a JSON object.", fix="point at the model's own config.json.")
     cfg, where = _language_config(raw)

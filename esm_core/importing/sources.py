@@ -56,15 +56,16 @@ class Source:
         return f"Source {str(self.path)!r}"
 
 
-def read_json(path: Path, what: str):
+def read_json(path: Path, what: str, cap: int = JSON_CAP):
+    """A JSON file of a model folder (config, index, tokenizer), refused above ``cap`` bytes or when broken."""
     size = path.stat().st_size
-    if size > JSON_CAP:
-        raise ESMError(f"{what}: {path.name} is {size / 2**20:.0f} MiB, more than a config or index can be.",
-                       fix="point at the published folder as it was downloaded.")
+    if size > cap:
+        raise ESMError(f"{what}: {str(path)!r} is {size / 2**20:.1f} MiB, more than the {cap // 2**20} MiB such a "
+                       "file can be.", fix="point at the model's own files, as they were downloaded.")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ESMError(f"{what}: {path.name} is not valid JSON ({e}).",
+        raise ESMError(f"{what}: {str(path)!r} is not valid JSON ({e}).",
                        fix="download the file again, or remove it if it is not part of the model.") from None
 
 

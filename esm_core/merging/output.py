@@ -159,12 +159,18 @@ def build_manifest(sset, *, spec=None, es_result=None, out: MergeOutput | None =
 
 # ------------------------------------------------------------------------------------ for the app
 def merged_files(out: MergeOutput, sset, *, spec=None, es_result=None, folded: bool = False,
-                 scalings: dict | None = None, manifest_extra: dict | None = None) -> dict[str, bytes]:
+                 scalings: dict | None = None, manifest_extra: dict | None = None,
+                 updates: dict | None = None) -> dict[str, bytes]:
     """Every file of the merged adapter directory (written into a temporary directory), by relative
     path: adapter_config.json, adapter_model.safetensors, coefficients.safetensors (when the method
-    has coefficients), encoders.json + encoders/..., manifest.json. Nothing is left on disk."""
-    ctx = MergeContext.from_specialists(sset)  # the specialists' factors: the manifest's update report
-    ctx.folded, ctx.scalings = bool(folded), dict(scalings or ctx.scalings)
+    has coefficients), encoders.json + encoders/..., manifest.json. Nothing is left on disk.
+    ``updates``: the merge's :func:`update_report` when the caller kept it (else computed here)."""
+    if updates is None:  # the specialists' factors, for the manifest's update report
+        ctx = MergeContext.from_specialists(sset)
+        ctx.folded, ctx.scalings = bool(folded), dict(scalings or ctx.scalings)
+    else:
+        ctx = MergeContext(names=list(sset.names), tensors={}, folded=bool(folded), scalings=dict(scalings or {}))
+        manifest_extra = {**(manifest_extra or {}), "updates": updates}
     with tempfile.TemporaryDirectory(prefix="esm_merged_") as tmp:
         d = Path(tmp)
         write_merged_into(d, out, sset, spec=spec, es_result=es_result, ctx=ctx, manifest_extra=manifest_extra)
