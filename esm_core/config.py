@@ -48,6 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         tau_elem=0.5,
         swd_projections="shared",
         element_last_block="block_output",
+        probe_text="segments",
     ),
     # The authors' reference code (docs/METHOD.md section 5, the `reference` column).
     "reference": dict(
@@ -66,6 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         tau_elem=0.1,
         swd_projections="per_pair_stream",
         element_last_block="final_norm",
+        probe_text="chat_template",
     ),
 }
 DEFAULT_PRESET = "reference"
@@ -100,6 +102,11 @@ class MethodConfig:
         128, "Truncate each modality block to at most this many tokens.", "probes")
     max_probe_tokens: Int(8, 10_000_000) = _f(
         4096, "Refuse probes longer than this many tokens (prefixes included).", "probes")
+    probe_text: Literal["segments", "chat_template"] = _f(
+        "chat_template", "How the text around the modality blocks is tokenised: 'segments' = BOS, then each "
+        "modality's prefix with its block (the paper's P_i), 'chat_template' = the whole probe as the user turn of "
+        "the tokenizer's chat template, tokenised as one string (the authors' code). In both, a text block is "
+        "tokenised together with the text before it, spans from character offsets.", "probes")
     batch_size: Int(1, 4096) = _f(
         16, "Probes per forward/backward batch (rounded up to a multiple of element_group).", "pass")
     # --- layer-wise signal (section 2)

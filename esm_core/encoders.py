@@ -123,6 +123,11 @@ class TextEncoder:
     def tokens(self, raw: str) -> list[str]:
         return [self.tokenizer.decode([i]) for i in self.ids(raw)]
 
+    def text_of(self, raw: str) -> str:
+        """The block as text in the probe: the probe builder tokenises it together with its surroundings
+        (esm_core/probes.py), so its first token is the one running text would give."""
+        return separated(raw, self.separator)
+
     def n_tokens(self, raw: str) -> int:
         return len(self.ids(raw))
 

@@ -133,7 +133,21 @@ class Batch:
 
 
 class ProbeBatcher:
-    """Turns probes into padded input embeddings with modality spans (right padding)."""
+    """Turns probes into padded input embeddings with modality spans (right padding).
+
+    How the text around the modality blocks is tokenised is ``cfg.probe_text``:
+
+    - ``segments``: BOS, then per modality its prefix and block. A text-encoded block is tokenised
+      TOGETHER with its prefix (one string, spans from character offsets), so a prefix's trailing
+      space joins the block's first word as the tokenizer would join it in running text; a
+      soft-token block (SMILES -> query tokens, ESM-2, ...) follows its separately tokenised prefix.
+    - ``chat_template``: the whole probe ("Molecule: ...\nProtein: ...\nCell: ...") is the user turn
+      of the tokenizer's chat template and every run of text between soft-token blocks is tokenised
+      as ONE string (the authors' code tokenises the templated prompt once); spans from offsets.
+
+    A token belongs to a modality's block when its characters overlap the block's text; a block
+    longer than the encoder's ``max_tokens`` keeps its first tokens and the rest are left out.
+    """
 
     def __init__(self, sset, encoders: dict, probes: ProbeSet, cfg, check_length: bool = True):
         self.sset = sset
@@ -141,22 +155,24 @@ class ProbeBatcher:
         self.probes = probes
         self.cfg = cfg
         self.embed = sset.model.get_input_embeddings()
-        tok = sset.tokenizer
+        self.tokenizer = tok = sset.tokenizer
+        self.mode = getattr(cfg, "probe_text", "segments")
         self.bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        self._prefix_ids = {}
-        for j, m in enumerate(probes.modalities):
-            for first in (True, False):
-                text = (probes.prefixes[m] if first else "\n" + probes.prefixes[m])
-                self._prefix_ids[(m, first)] = list(tok(text, add_special_tokens=False)["input_ids"]) if text else []
+        if self.mode == "chat_template":
+            self._head, self._tail = _template_around(tok)
+        if any(_is_text(e) for e in encoders.values()) or self.mode == "chat_template":
+            _require_offsets(tok)
         self.truncated = {m: 0 for m in probes.modalities}
         for m in probes.modalities:
             enc = encoders[m]
             if hasattr(enc, "truncated"):
                 self.truncated[m] = sum(bool(enc.truncated(s)) for s in probes.samples[m])
+        self._layouts: dict[int, list] = {}
         self.lengths = [self._length(i) for i in range(probes.n_probes)]
         if check_length:
             self._check_lengths()
 
+    # ---------------------------------------------------------------- layout
     def _block_len(self, m: str, sample: str) -> int:
         enc = self.encoders[m]
         if hasattr(enc, "n_tokens"):
@@ -164,11 +180,71 @@ class ProbeBatcher:
             return n(sample) if callable(n) else int(n)
         return len(enc.tokens(sample))
 
+    def _tokenise_run(self, text: str, marks: list[tuple[str, int, int]]) -> list[tuple[str | None, list[int]]]:
+        """Tokenise one string; group its tokens into (modality or None, ids) pieces by character marks."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        out: list[tuple[str | None, list[int]]] = []
+        kept = {m: 0 for m, _, _ in marks}
+        for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            lab = next((m for m, s0, s1 in marks if a < s1 and b > s0 and b > a), None)
+            if lab is not None:
+                cap = getattr(self.encoders[lab], "max_tokens", None)
+                kept[lab] += 1
+                if cap and kept[lab] > cap:
+                    continue  # over the block's cap: left out
+            if out and out[-1][0] == lab:
+                out[-1][1].append(int(t))
+            else:
+                out.append((lab, [int(t)]))
+        return out
+
+    def layout(self, i: int) -> list[tuple[str | None, list[int] | str]]:
+        """Probe i in order: (None, text ids), (m, text ids) of a text block, (m, raw) of a soft block."""
+        got = self._layouts.get(i)
+        if got is not None:
+            return got
+        parts = self.probes.probes[i]
+        out: list = []
+        if self.mode == "chat_template":
+            text, marks = self._head, []
+            for j, (m, s) in enumerate(parts):
+                raw = self.probes.samples[m][s]
+                text += ("\n" if j else "") + self.probes.prefixes[m]
+                if _is_text(self.encoders[m]):
+                    body = self.encoders[m].text_of(raw)
+                    marks.append((m, len(text), len(text) + len(body)))
+                    text += body
+                else:  # a soft block ends the current run of text
+                    out += self._tokenise_run(text, marks)
+                    out.append((m, raw))
+                    text, marks = "", []
+            text += self._tail
+            if text:
+                out += self._tokenise_run(text, marks)
+        else:
+            if self.bos:
+                out.append((None, list(self.bos)))
+            for j, (m, s) in enumerate(parts):
+                raw = self.probes.samples[m][s]
+                prefix = ("\n" if j else "") + self.probes.prefixes[m]
+                if _is_text(self.encoders[m]):
+                    body = self.encoders[m].text_of(raw)
+                    out += self._tokenise_run(prefix + body, [(m, len(prefix), len(prefix) + len(body))])
+                else:
+                    if prefix:
+                        out += self._tokenise_run(prefix, [])
+                    out.append((m, raw))
+        merged: list = []
+        for lab, x in out:  # neighbouring text pieces of the same label become one
+            if merged and merged[-1][0] == lab and isinstance(x, list) and isinstance(merged[-1][1], list):
+                merged[-1] = (lab, merged[-1][1] + x)
+            elif not (isinstance(x, list) and not x):
+                merged.append((lab, x))
+        self._layouts[i] = merged
+        return merged
+
     def _length(self, i: int) -> int:
-        n = len(self.bos)
-        for j, (m, s) in enumerate(self.probes.probes[i]):
-            n += len(self._prefix_ids[(m, j == 0)]) + self._block_len(m, self.probes.samples[m][s])
-        return n
+        return sum(len(x) if isinstance(x, list) else self._block_len(m, x) for m, x in self.layout(i))
 
     def _check_lengths(self) -> None:
         limit = self.cfg.max_probe_tokens
@@ -183,18 +259,15 @@ class ProbeBatcher:
                                fix="lower max_modality_tokens or drop very long samples.")
 
     # ---------------------------------------------------------------- pieces
-    def pieces(self, i: int) -> list[tuple[str | None, torch.Tensor | list[int], list[str]]]:
-        """(modality or None, token ids or embeddings, display tokens) for probe i, in order."""
-        tok = self.sset.tokenizer
+    def pieces(self, i: int) -> list[tuple[str | None, torch.Tensor | list[int] | str, list[str]]]:
+        """(modality or None, token ids or raw soft-block input, display tokens) for probe i, in order."""
+        tok = self.tokenizer
         out: list = []
-        if self.bos:
-            out.append((None, self.bos, [tok.decode(self.bos)]))
-        for j, (m, s) in enumerate(self.probes.probes[i]):
-            ids = self._prefix_ids[(m, j == 0)]
-            if ids:
-                out.append((None, ids, [tok.decode([t]) for t in ids]))
-            raw = self.probes.samples[m][s]
-            out.append((m, raw, self.encoders[m].tokens(raw)))
+        for m, x in self.layout(i):
+            if isinstance(x, list):
+                out.append((m, x, [tok.decode([t]) for t in x]))
+            else:
+                out.append((m, x, self.encoders[m].tokens(x)))
         return out
 
     def tokens(self, i: int) -> list[tuple[str, str | None]]:
@@ -211,6 +284,8 @@ class ProbeBatcher:
         blocks: dict[tuple[int, str], torch.Tensor] = {}
         for m in self.probes.modalities:
             enc = self.encoders[m]
+            if _is_text(enc):
+                continue  # text blocks come as ids from the layout
             want = [(b, self.probes.samples[m][s]) for b, i in enumerate(indices)
                     for (mm, s) in self.probes.probes[i] if mm == m]
             if not want:
@@ -224,16 +299,10 @@ class ProbeBatcher:
                     blocks[(b, m)] = enc.encode(r)
         for b, i in enumerate(indices):
             parts, pos = [], 0
-            if self.bos:
-                parts.append(self._ids_embed(self.bos))
-                pos += len(self.bos)
-            for j, (m, s) in enumerate(self.probes.probes[i]):
-                ids = self._prefix_ids[(m, j == 0)]
-                if ids:
-                    parts.append(self._ids_embed(ids))
-                    pos += len(ids)
-                e = blocks[(b, m)].to(device=dev, dtype=dtype)
-                spans[b, mpos[m]] = torch.tensor([pos, pos + e.shape[0]])
+            for m, x in self.layout(i):
+                e = self._ids_embed(x) if isinstance(x, list) else blocks[(b, m)].to(device=dev, dtype=dtype)
+                if m is not None:
+                    spans[b, mpos[m]] = torch.tensor([pos, pos + e.shape[0]])
                 parts.append(e)
                 pos += e.shape[0]
             seqs.append(torch.cat(parts, dim=0))
@@ -260,3 +329,33 @@ class ProbeBatcher:
         order = sorted(range(self.probes.n_probes), key=lambda i: (self.lengths[i], i))
         for s in range(0, len(order), batch_size):
             yield order[s:s + batch_size]
+
+
+# ------------------------------------------------------------------------------------ text helpers
+_SENTINEL = "\u2063ESM_PROBE\u2063"
+
+
+def _is_text(enc) -> bool:
+    """A text encoder places its block as text (``text_of``) that is tokenised with its surroundings."""
+    return callable(getattr(enc, "text_of", None))
+
+
+def _template_around(tok) -> tuple[str, str]:
+    """The tokenizer's chat template around one user turn, as (text before, text after) the content."""
+    if not getattr(tok, "chat_template", None):
+        raise ESMError("probe_text=chat_template, but the base model's tokenizer has no chat template.",
+                       fix="set probe_text: segments, or give the tokenizer a chat_template (tokenizer_config.json "
+                           "or chat_template.jinja next to it).")
+    full = tok.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                   add_generation_prompt=True)
+    if full.count(_SENTINEL) != 1:
+        raise ESMError("The tokenizer's chat template does not place the user's message once.",
+                       fix="set probe_text: segments.")
+    head, tail = full.split(_SENTINEL)
+    return head, tail
+
+
+def _require_offsets(tok) -> None:
+    if not getattr(tok, "is_fast", False):
+        raise ESMError(f"The tokenizer ({type(tok).__name__}) gives no character offsets, which probe spans need.",
+                       fix="save the tokenizer as tokenizer.json (a fast tokenizer) next to the model.")

@@ -18,6 +18,9 @@ from esm_core.models import prepare_transformers, source_of
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
+# A plain chat template for the tokenizers built here (the zoo's too): "<s>User: ...\nAssistant:".
+PLAIN_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n"
+                       "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
 
 
 def char_tokenizer(alphabet: str | None = None):
@@ -31,8 +34,10 @@ def char_tokenizer(alphabet: str | None = None):
         vocab.setdefault(c, len(vocab))
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    tok.chat_template = PLAIN_CHAT_TEMPLATE
+    return tok
 
 
 def build_tiny_base(out_dir: str | Path, *, layers: int = 2, hidden: int = 64, intermediate: int | None = None,

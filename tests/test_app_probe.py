@@ -131,8 +131,10 @@ def _check_span(m, tokens, raw):
     else:
         from esm_core.encoders import separated
 
-        text = "".join(tokens)  # the whole sample as the encoder shows it, or its first max_tokens tokens
-        assert text and separated(raw, m.encoder.options.get("separator")).startswith(text)
+        # the whole sample as the encoder shows it, or its first max_tokens tokens; the prefix's trailing
+        # space is joined to the first token (tokenised with the text before it, docs/METHOD.md section 1)
+        text = "".join(tokens)
+        assert text.startswith(" ") and (" " + separated(raw, m.encoder.options.get("separator"))).startswith(text)
 
 
 def test_counts_previews_and_tokenised_probe(at, demo):

@@ -62,7 +62,8 @@ def test_spans_hold_the_encoder_tokens(workspace):
             assert int(batch.masks[m][row].sum()) == en - st
     toks = b.tokens(0)
     assert "".join(t for t, m in toks if m == "protein") == workspace.probes.samples["protein"][0]
-    assert "".join(t for t, m in toks if m is None).startswith("<s>Molecule: ")
+    # the reference preset wraps the probe in the tokenizer's chat template (docs/METHOD.md section 5)
+    assert "".join(t for t, m in toks if m is None) == "<s>User: Molecule: \nProtein: \nCell: \nAssistant:"
     # right padding does not change the real tokens' states
     full = forward_blocks(workspace.sset, batch)
     single = forward_blocks(workspace.sset, b.batch([1]))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from esm_core.tiny import PLAIN_CHAT_TEMPLATE
+
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 PRETOKENIZE = r" ?[^\s]+|\n|[^\S\n]+"
 
@@ -32,5 +34,7 @@ def train_tokenizer(lines: Iterable[str], vocab_size: int = 8192, min_frequency:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIALS),
                                   initial_alphabet=alphabet, show_progress=False, limit_alphabet=len(alphabet) + 64)
     tk.train_from_iterator(lines, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", clean_up_tokenization_spaces=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", clean_up_tokenization_spaces=False)
+    tok.chat_template = PLAIN_CHAT_TEMPLATE  # the reference preset's probe_text=chat_template uses it
+    return tok
