@@ -29,6 +29,9 @@ def main() -> None:
     ap.add_argument("--per-label", type=int, default=40, help="questions per label and skill")
     ap.add_argument("--k", type=int, default=1, help="in-context examples per question")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "merge_space.md"))
+    ap.add_argument("--results-md", default=str(ROOT / "assets" / "zoo" / "RESULTS.md"),
+                    help="the zoo's RESULTS.md whose '## Merge space' section is replaced (appended when absent); "
+                         "'' leaves it alone")
     args = ap.parse_args()
 
     from esm_core.merging.base import MergeContext
@@ -94,6 +97,27 @@ def main() -> None:
     ])
     Path(args.out).write_text(text)
     print(text)
+    if args.results_md:
+        put_section(Path(args.results_md), text)
+
+
+SECTION = "## Merge space: factors (Eq. 1) vs delta"
+
+
+def put_section(results_md: Path, text: str) -> None:
+    """Replace (or append) the zoo RESULTS.md section that holds this benchmark's tables, atomically."""
+    body = text.split("\n## ", 1)[1].replace("\n## ", "\n### ")
+    section = "\n".join([
+        SECTION, "",
+        "From `python bench/bench_merge_space.py` (bench/results/merge_space.md; reference preset, ES combined,",
+        "TIES density 0.5; delta re-factorised at the sum of the input ranks). `python -m esm_core zoo results`",
+        "rewrites the sections above; this benchmark rewrites this one.", "",
+        "### " + body.rstrip(), ""])
+    old = results_md.read_text()
+    head = old.split("\n" + SECTION, 1)[0].rstrip("\n")
+    tmp = results_md.with_name(results_md.name + ".tmp")
+    tmp.write_text(head + "\n\n" + section)
+    tmp.replace(results_md)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,9 @@ CASES = [
                                                "--out", S / "cfg", "--overwrite"], 2, "contains the run config"),
     ("compare-out-not-ours", lambda S: ["compare", "--config", S / "cfg" / "run.yaml", "--methods", "average",
                                         "--out", S / "user", "--overwrite"], 2, "did not write"),
+    ("compare-unknown-space", lambda S: ["compare", "--config", S / "cfg" / "run.yaml", "--methods", "average",
+                                         "--spaces", "factors,weights", "--out", S.parent / "o_sp"], 2,
+     "--spaces factors,delta"),
     # 2. trust_remote_code: only a YAML boolean true enables it
     *[(f"trust-{v}", lambda S, v=v: M(S, S.parent / "o_trust", cfg=f"trust_{v}"), 2, "trust_remote_code")
       for v in ("false", "no", 1, "yes")],

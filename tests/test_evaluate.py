@@ -265,10 +265,11 @@ def cli_env(world, tmp_path_factory):
     rnd = random.Random(3)
     data = d / "data" / "public" / "dti"
     data.mkdir(parents=True)
+    pairs = [(m, p) for m in MOLECULES for p in (PROT_A, PROT_B, PROTEINS[5])]
     for stem in ("human_random", "bindingdb_sample"):
-        for split, n in (("train", 30), ("test", 12)):
-            rows = [f"{rnd.choice(MOLECULES)},{rnd.choice([PROT_A, PROT_B, PROTEINS[5]])},{rnd.choice(['0', '1.0'])}"
-                    for _ in range(n)]
+        drawn = rnd.sample(pairs, 42)  # distinct inputs: repeats would be removed (loaders.dedupe)
+        for split, rows_ in (("train", drawn[12:]), ("test", drawn[:12])):
+            rows = [f"{m},{p},{rnd.choice(['0', '1.0'])}" for m, p in rows_]
             (data / f"{stem}_{split}.csv").write_text("SMILES,Protein,Y\n" + "\n".join(rows) + "\n")
     return d
 
@@ -338,6 +339,15 @@ def test_cli_compare_table_csv(cli_env, capsys):
     assert all(int(r["n"]) == 6 for r in rows)
     res = json.loads((out / "results.json").read_text())
     assert "average" in res["meta"]["merges"] and "test_learner|human" in res["meta"]["merges"]
+    # --spaces: one row per method and merge space, the merge in each space recorded
+    rc = cli(common + ["--task", "human", "--n", "4", "--methods", "average", "--no-base", "--no-specialists",
+                       "--spaces", "factors,delta", "--out", str(cli_env / "cmp_spaces")])
+    assert rc == 0, capsys.readouterr().err
+    sp = json.loads((cli_env / "cmp_spaces" / "results.json").read_text())
+    assert sp["meta"]["spaces"] == ["factors", "delta"]
+    assert set(sp["meta"]["merges"]) == {"average|factors", "average|delta"}
+    assert {r["model"] for r in sp["rows"] if r.get("kind") == "merge" or r["model"].startswith("Average")} \
+        == {"Average [factors]", "Average [delta]"}
     # the average of three identical-scaling adapters equals the hand average: same answers as evaluate would give
     avg = [r for r in rows if r["model"] == "Average" and r["mode"] == "likelihood"][0]
     assert 0.0 <= float(avg["acc"]) <= 1.0

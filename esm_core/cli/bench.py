@@ -18,6 +18,7 @@ import torch
 from esm_core.answering.batched import BatchedAnswerer
 from esm_core.benchmark.harness import MODES, evaluate_model, merged_adapter, task_prompts, training_prompts
 from esm_core.benchmark.reports import Report, facts_line, task_facts
+from esm_core.benchmark.taskfile import FAMILIES, FAMILY_HELP, task_from_file
 from esm_core.benchmark.tasks import expand_names, load_tasks
 from esm_core.cli.common import parse_value, spec_inputs
 from esm_core.errors import ESMError
@@ -46,6 +47,11 @@ def _common_args(p) -> None:
     p.add_argument("--task", "--tasks", dest="tasks", action="append", default=[],
                    help="Task name or suite (table1, table2, all); repeatable or comma-separated. Default: all.")
     p.add_argument("--data-dir", default=None, help="Folder holding public/ and registry/ (default ../shared/data).")
+    p.add_argument("--task-file", action="append", default=[], metavar="PATH",
+                   help="A data file of your own, evaluated as a task of --family (repeatable); with --task-file and "
+                        "no --task, only the file tasks run. " + FAMILY_HELP)
+    p.add_argument("--family", default=None, choices=sorted(FAMILIES), help="Task family of every --task-file.")
+    p.add_argument("--enzyme", default=None, help="CYP enzyme of a cyp / cyp_substrate --task-file, e.g. CYP2D6.")
     p.add_argument("--n", type=int, default=500, help="Test rows per task (seeded sample; all if fewer).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the row sample and the bootstrap.")
     p.add_argument("--split-seed", type=int, default=0, help="Seed of the train/test split of unsplit datasets.")
@@ -70,9 +76,23 @@ def _setup(args, *, probes: bool = False):
         raise ESMError(f"--modes {args.modes!r} is not a list of {list(MODES)}.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = expand_names(args.tasks or ["all"])
+    files = list(getattr(args, "task_file", []) or [])
+    if files and not args.family:
+        raise ESMError("--task-file needs --family: which kind of task the file holds.",
+                       fix="add --family " + " | ".join(sorted(FAMILIES)) + ".")
+    file_tasks = [task_from_file(f, args.family, seed=args.split_seed, enzyme=args.enzyme, data_dir=args.data_dir)
+                  for f in files]  # refused before anything loads
+    names = expand_names(args.tasks or ([] if files else ["all"]))
     tasks, skipped = load_tasks(names, args.data_dir, seed=args.split_seed,
                                 log=lambda m: print(f"skipped: {m}", flush=True))
+    taken = {t.name for t in tasks}
+    for t in file_tasks:
+        while t.name in taken:
+            t.name += "_file"
+        taken.add(t.name)
+        print(f"task file {t.files[0]}: {t.name} ({args.family}), {len(t.train)} pool / {len(t.test)} test rows; "
+              f"{t.note}; {t.load_note()}", flush=True)
+        tasks.append(t)
     for t in list(tasks):
         t.protein_residues = args.protein_residues
         if len(t.test) < args.min_test_rows:
@@ -118,6 +138,8 @@ def _inputs(args) -> list:
     data = Path(args.data_dir) if args.data_dir else default_data_dir()
     if data is not None:
         out.append(Input(str(data), "task data directory"))
+    for f in getattr(args, "task_file", []) or []:
+        out.append(Input(f, "task file given as --task-file"))
     model = getattr(args, "model", None)
     if model and model != "base" and Path(model).exists():
         out.append(Input(model, "adapter directory given as --model"))
@@ -168,6 +190,10 @@ def _compare_add(p) -> None:
                    help="A merge-method parameter, e.g. ties.density=0.3 (repeatable).")
     p.add_argument("--train-prompts", type=int, default=64,
                    help="Training-row prompts given to methods that learn from data (AdaMerging, fine-tuning).")
+    p.add_argument("--spaces", default="",
+                   help="Merge spaces to compare, comma-separated: factors (Eq. 1), delta (the updates, re-factorised); "
+                        "each method gets one row per space, labelled [factors] / [delta]. Default: the run's "
+                        "merge_space, unlabelled.")
     p.add_argument("--data-scope", choices=("task", "suite"), default="task",
                    help="Methods that learn from data: one merge per task on its training prompts (task), or one "
                         "merge on the training prompts of every task together (suite, AdaMerging's multi-task setting).")
@@ -187,6 +213,15 @@ def _method_params(items: list[str]) -> dict[str, dict]:
     return out
 
 
+def _spaces(text: str) -> list[str | None]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in ("factors", "delta")]
+    if bad or len(set(items)) != len(items):
+        raise ESMError(f"--spaces {text!r}: {'unknown ' + repr(bad) if bad else 'a space is repeated'}.",
+                       fix="write --spaces factors, --spaces delta or --spaces factors,delta.")
+    return items or [None]
+
+
 def _compare_run(args) -> int:
     # argument mistakes first (before the output is reserved and before any heavy work)
     params = _method_params(args.param)
@@ -198,6 +233,7 @@ def _compare_run(args) -> int:
     for m in sorted(set(params) - set(resolved)):
         get_method(m)  # a typo is an error; a known method that is not compared is only noted
         print(f"note: --param for {m!r} ignored: it is not among the compared methods.", flush=True)
+    args.space_list = _spaces(args.spaces)
     with reserve_output(args.out, kind="dir", overwrite=args.overwrite, inputs=_inputs(args),
                         command="compare") as target:
         return _compare(args, target, params, methods, resolved)
@@ -240,28 +276,31 @@ def _compare(args, target, params: dict, methods: list[str], resolved: dict) -> 
         t0 = time.perf_counter()
         es_result = estimate(ws, progress=_prog(args, "ES coefficients"))
         rep.meta["es_estimate_s"] = time.perf_counter() - t0
-    for m, meth in resolved.items():
+    spaces = getattr(args, "space_list", None) or [None]
+    rep.meta["spaces"] = [s or ws.spec.method.merge_space for s in spaces]
+    for (m, meth), space in ((mm, sp) for mm in resolved.items() for sp in spaces):
+        pretty = meth.pretty + (f" [{space}]" if space else "")
+        key = m + (f"|{space}" if space else "")
+        common = dict(es_result=es_result, seed=args.seed, name=f"merged_{m}", space=space,
+                      progress=_prog(args, pretty))
         if "data" in meth.needs and args.data_scope == "suite":  # one merge on every task's training prompts
             data = [p for tp in tps for p in training_prompts(tp.task, args.train_prompts, seed=args.seed, k=args.k,
                                                                answerer=answerer)]
-            name, info = merged_adapter(ws, meth, params.get(m, {}), es_result=es_result, data=data, seed=args.seed,
-                                        name=f"merged_{m}", progress=_prog(args, meth.pretty))
-            rep.meta["merges"][m] = info
-            run_model(meth.pretty, name, "merge")
+            name, info = merged_adapter(ws, meth, params.get(m, {}), data=data, **common)
+            rep.meta["merges"][key] = info
+            run_model(pretty, name, "merge")
             ws.sset.remove_adapter(name)
         elif "data" in meth.needs:  # learns from the task: one merge per task, on its training prompts
             for tp in tps:
                 data = training_prompts(tp.task, args.train_prompts, seed=args.seed, k=args.k, answerer=answerer)
-                name, info = merged_adapter(ws, meth, params.get(m, {}), es_result=es_result, data=data,
-                                            seed=args.seed, name=f"merged_{m}", progress=_prog(args, meth.pretty))
-                rep.meta["merges"][f"{m}|{tp.task.name}"] = info
-                run_model(meth.pretty, name, "merge", only=tp)
+                name, info = merged_adapter(ws, meth, params.get(m, {}), data=data, **common)
+                rep.meta["merges"][f"{key}|{tp.task.name}"] = info
+                run_model(pretty, name, "merge", only=tp)
                 ws.sset.remove_adapter(name)
         else:
-            name, info = merged_adapter(ws, meth, params.get(m, {}), es_result=es_result, seed=args.seed,
-                                        name=f"merged_{m}", progress=_prog(args, meth.pretty))
-            rep.meta["merges"][m] = info
-            run_model(meth.pretty, name, "merge")
+            name, info = merged_adapter(ws, meth, params.get(m, {}), **common)
+            rep.meta["merges"][key] = info
+            run_model(pretty, name, "merge")
             ws.sset.remove_adapter(name)
     rep.meta["total_s"] = time.perf_counter() - t_all
     rep.meta["device"] = str(ws.sset.device)
