@@ -195,7 +195,9 @@ HUGE = LONG * 4  # longer than the model's context (2048 positions) on its own
 def _facts_data(ctx: Ctx) -> Path:
     """human: long proteins (examples must be dropped to fit), one too-long query, skipped rows of each kind."""
     d = ctx.tmp / "data" / "public" / "dti"
-    pool = [(MOLECULES[i % 16], LONG if i % 2 else PROTEINS[i % 16], str(i % 2)) for i in range(20)]
+    # distinct inputs, none a test row's (repeats would be removed: loaders.dedupe)
+    pool = [(MOLECULES[6 + i % 10], (LONG if i < 10 else "M" + LONG[1:]) if i % 2 else PROTEINS[i % 16], str(i % 2))
+            for i in range(20)]
     _write(d / "human_random_train.csv", _dti_csv(pool + [("CCO", "MK1A", "1")]))
     test = [(MOLECULES[i], LONG if i % 2 else PROTEINS[i], str(i % 2)) for i in range(6)]
     _write(d / "human_random_test.csv", _dti_csv(test + [("CCN", HUGE, "1"), ("C1CC", PROTEINS[0], "0"),

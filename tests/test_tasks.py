@@ -54,7 +54,7 @@ def test_wrong_columns_is_a_clear_error(tmp_path):
 
 
 def test_one_file_gets_a_seeded_split(tmp_path):
-    rows = [("C" * (i % 7 + 1) + "O", PROT if i % 2 else PROT2, i % 2) for i in range(40)]
+    rows = [("C" * (i % 20 + 1) + "O", PROT if i < 20 else PROT2, i % 2) for i in range(40)]  # 40 distinct pairs
     f = dti_csv(tmp_path / "all.csv", rows)
     a = molecule_protein_task(f, test_fraction=0.25, seed=3)
     b = molecule_protein_task(f, test_fraction=0.25, seed=3)
@@ -86,7 +86,7 @@ def test_prompt_fields_and_examples(tmp_path):
 
 def cyp_files(tmp_path, n=30):
     f = write(tmp_path / "cyp.tab", "Drug_ID\tDrug\tY\n" + "".join(
-        f"{i}.0\t{'C' * (i % 6 + 1)}{'O' if i % 3 else 'N'}\t{i % 2}\n" for i in range(n)) + "99\tC1CC(\t1\n")
+        f"{i}.0\t{'C' * (i + 1)}{'O' if i % 3 else 'N'}\t{i % 2}\n" for i in range(n)) + "99\tC1CC(\t1\n")
     enz = write(tmp_path / "cyp_enzymes.tsv", "enzyme\tuniprot\tlength\tsequence\nCYP2D6\tP10635\t5\tMGLEA\n")
     return f, enz
 
@@ -94,7 +94,10 @@ def cyp_files(tmp_path, n=30):
 def test_cyp_task_enzyme_joins_prompt_once(tmp_path):
     f, enz = cyp_files(tmp_path)
     td = cyp_task(f, "CYP2D6", enzymes_path=enz, test_fraction=0.2, seed=0)
-    assert td.counts["invalid_smiles"] == 1 and len(td.train) + len(td.test) == 30 and len(td.test) == 6
+    dups = sum(td.counts.get(k, 0) for k in ("test_duplicates", "pool_duplicates", "pool_rows_in_test"))
+    assert td.counts["invalid_smiles"] == 1 and len(td.train) + len(td.test) + dups == 30 and len(td.test) == 6
+    keys = [r.values["smiles"] for r in td.train + td.test]
+    assert len(keys) == len(set(keys))  # repeated molecules were removed (loaders.dedupe)
     p = td.prompt(td.test[0], k=5)
     items = [s for s in p.segments if isinstance(s, Item)]
     assert items[0] == Item("protein", "MGLEA")
@@ -124,13 +127,15 @@ def test_gdsc2_z_rule(tmp_path):
     td = gdsc2_task(d, z_threshold=1.0, test_fraction=0.25, seed=0)
     recs = td.train + td.test
     got = sorted((r.meta["cell"], r.meta["drug"], r.label) for r in recs)
-    assert got == [("A1", "d1", "Resistant"), ("A1", "d1", "Sensitive"), ("B2", "d1", "Resistant"),
-                   ("B2", "d2", "Sensitive")]
+    # A1/d1 twice (z -1.5 and +1.01): the same inputs, so one of them is removed as a repeat (loaders.dedupe)
+    assert [g[:2] for g in got] == [("A1", "d1"), ("B2", "d1"), ("B2", "d2")]
+    assert got[1:] == [("B2", "d1", "Resistant"), ("B2", "d2", "Sensitive")]
+    assert sum(td.counts.get(k, 0) for k in ("test_duplicates", "pool_duplicates", "pool_rows_in_test")) == 1
     assert td.counts["between_thresholds"] == 2 and td.counts["cell_without_genes"] == 1
     assert td.counts["drug_without_smiles"] == 1 and td.counts["drugs_invalid_smiles"] == 1
     assert all(len(r.values["genes"].split()) == 50 for r in recs)
     loose = gdsc2_task(d, z_threshold=0.2)
-    assert len(loose.train) + len(loose.test) == 6
+    assert len(loose.train) + len(loose.test) == 4  # 6 labelled rows, A1/d1 and B2/d1 each twice
     p = td.prompt(td.test[0])
     assert "Sensitive or Resistant" in p.text() and p.labels == ["Sensitive", "Resistant"]
     assert [s.modality for s in p.segments if isinstance(s, Item)][-2:] == ["molecule", "cell"]

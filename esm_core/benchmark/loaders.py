@@ -52,8 +52,41 @@ def _read(task: str, path: Path, required: list[str]):
                         fix=e.fix) from None
 
 
+def _key(r: Record) -> tuple:
+    return tuple(sorted(r.values.items()))
+
+
+def dedupe(td: TaskData) -> TaskData:
+    """Remove repeated inputs, counted in ``td.counts``: a test row repeating an earlier test row, a pool row
+    repeating an earlier pool row, and every pool row whose inputs are a test row's (it would hand the model
+    the answer as an example, and make "majority of the examples" look perfect)."""
+    seen: set = set()
+    test = []
+    for r in td.test:
+        k = _key(r)
+        if k in seen:
+            td.counts["test_duplicates"] = td.counts.get("test_duplicates", 0) + 1
+            continue
+        seen.add(k)
+        test.append(r)
+    pool, in_pool = [], set()
+    for r in td.train:
+        k = _key(r)
+        if k in seen:
+            td.counts["pool_rows_in_test"] = td.counts.get("pool_rows_in_test", 0) + 1
+        elif k in in_pool:
+            td.counts["pool_duplicates"] = td.counts.get("pool_duplicates", 0) + 1
+        else:
+            in_pool.add(k)
+            pool.append(r)
+    td.train, td.test = pool, test
+    return td
+
+
 def _usable(td: TaskData) -> TaskData:
-    """The task, or EmptyData when its pool or test split holds no row after invalid rows were skipped."""
+    """The task with repeated inputs removed (:func:`dedupe`), or EmptyData when its pool or test split holds no
+    row after invalid and repeated rows were skipped."""
+    dedupe(td)
     for split, recs in (("training pool", td.train), ("test split", td.test)):
         if not recs:
             files = ", ".join(Path(f).name for f in td.files)
@@ -324,3 +357,4 @@ def drugcomb_task(data_dir: str | Path | None = None, *, synergy: float = 30.0, 
                             files=[str(path), str(d / "oneil_drug_smiles.tsv")], counts=dict(counts),
                             note=f"mean Loewe > {synergy} Synergistic, < {antagonism} Antagonistic; "
                                  f"seeded split (seed {seed})"))
+

@@ -47,7 +47,10 @@ class EmptyData(SkippedTask):
 # TaskData.counts keys that count rows skipped while loading, and how they read
 SKIP_REASONS = {"invalid_smiles": "invalid SMILES", "invalid_protein": "invalid protein", "bad_label": "bad label",
                 "between_thresholds": "label between the thresholds", "drug_without_smiles": "drug without SMILES",
-                "cell_without_genes": "cell line without genes"}
+                "cell_without_genes": "cell line without genes", "bad_genes": "invalid gene list",
+                "test_duplicates": "test row repeating an earlier test row's inputs",
+                "pool_duplicates": "pool row repeating an earlier pool row's inputs",
+                "pool_rows_in_test": "pool row with a test row's inputs (would leak the answer)"}
 
 
 # ------------------------------------------------------------------------------------ definitions
