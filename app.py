@@ -15,7 +15,7 @@ import streamlit as st
 
 st.set_page_config(page_title="ES-Merging workbench", page_icon=":material/hub:", layout="wide")
 
-from ui import session_io, state  # noqa: E402
+from ui import links, session_io, state  # noqa: E402
 from ui.widgets import guard  # noqa: E402
 
 # URL paths differ from the file names on purpose: until st.navigation has run once in a server
@@ -47,10 +47,18 @@ def sidebar() -> None:
             st.caption(f"**preset** {m.preset} · **mode** {m.mode}")
             res = state.base_result()
             st.caption("**computed** " + ("yes" if res is not None else "not yet"))
+            st.caption("**link** the address bar holds this view (page, selections, changed settings, "
+                       "picked probe rows): share it to open the same view")
+            for note in links.notes():
+                st.caption(f":orange[link: {note}]")
         st.divider()
         session_io.session_panel()
 
 
+with guard():
+    links.restore()  # a link's settings and probe rows, once per session
 nav = st.navigation(PAGES)
 nav.run()
 sidebar()  # after the page, so it shows what the page just computed
+with guard():
+    links.publish()  # the address bar follows the view

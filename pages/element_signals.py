@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from esm_core.coefficients import disagreements
-from ui import figures, state
+from ui import figures, links, state
 from ui.widgets import csv_bytes, guard, method_controls, need_result, preset_badge, show_figure
 
 st.title("Element signals")
@@ -33,6 +33,10 @@ with guard():
         L = res.num_layers
         modules = sorted({k.module for k in keys})
         c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
+        links.seed("el_layer", range(L))
+        links.seed("el_module", modules)
+        links.seed("el_ab", ["A", "B"])
+        links.seed("el_what", ["λ (merge)", "β (element)", "raw score g", "z-scored g"])
         layer = c1.selectbox("block", list(range(L)), format_func=lambda l: f"{l + 1} (layers.{l})", key="el_layer",
                              help="Blocks are numbered from 1 as in the paper's figures; the tensor names "
                                   "count from 0 (block 1 = layers.0).")

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from esm_core.analysis.embed2d import gather_points
-from ui import caches, figures, merges, state
+from ui import caches, figures, links, merges, state
 from ui.widgets import guard, need_result, preset_badge, show_figure
 
 st.title("Embeddings")
@@ -36,11 +36,15 @@ with guard():
         L = res.num_layers
         merged = list(merges.merges())
         c1, c2, c3, c4 = st.columns([1, 1, 1, 1])
+        links.seed("emb_mod", res.modalities)
+        links.seed("emb_level", ["sample means", "tokens"])
+        links.seed("emb_method", ["PCA", "UMAP"])
         modality = c1.selectbox("modality", res.modalities, key="emb_mod")
         level = c2.radio("points", ["sample means", "tokens"], horizontal=True, key="emb_level",
                          help="Per-token rows are kept for the blocks in token_layers (default: the last block).")
         token_layers = sorted({(l if l >= 0 else L + 1 + l) for l in cfg.token_layers})
         blocks = token_layers if level == "tokens" else list(range(L + 1))
+        links.seed("emb_layer", blocks)
         layer = c3.selectbox("block", blocks, index=len(blocks) - 1, key="emb_layer",
                              format_func=lambda l: "input embeddings" if l == 0 else f"block {l}")
         method = c4.radio("projection", ["PCA", "UMAP"], horizontal=True, key="emb_method",

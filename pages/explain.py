@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from esm_core.analysis.explain import trace
+from ui import links
 from ui.widgets import guard, method_controls, need_result, preset_badge
 
 st.title("Explain one coefficient")
@@ -25,13 +26,19 @@ with guard():
         preset_badge(res)
         keys = sorted(res.lam)
         c1, c2, c3, c4 = st.columns([1, 1, 2, 1])
+        links.seed("ex_spec", res.specialists)
+        links.seed("ex_layer", sorted({k.layer for k in keys}))
+        links.seed("ex_ab", ["A", "B"])
         name = c1.selectbox("specialist", res.specialists, key="ex_spec")
         layer = c2.selectbox("block", sorted({k.layer for k in keys}), format_func=lambda l: str(l + 1), key="ex_layer")
+        links.seed("ex_module", sorted({k.module for k in keys if k.layer == layer}))
         module = c3.selectbox("module", sorted({k.module for k in keys if k.layer == layer}), key="ex_module")
         ab = c4.radio("factor", ["A", "B"], horizontal=True, key="ex_ab")
         key = next(k for k in keys if k.layer == layer and k.module == module and k.ab == ab)
         R, C = res.lam[key].shape[1:]
         d1, d2 = st.columns(2)
+        links.seed("ex_row", range(R))
+        links.seed("ex_col", range(C))
         row = int(d1.number_input(f"row (0..{R - 1})", 0, R - 1, 0, key="ex_row"))
         col = int(d2.number_input(f"column (0..{C - 1})", 0, C - 1, 0, key="ex_col"))
         t = trace(res, name, key, (row, col))

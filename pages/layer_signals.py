@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ui import figures, state
+from ui import figures, links, state
 from ui.session import current
 from ui.widgets import guard, method_controls, need_result, preset_badge, show_figure
 
@@ -32,6 +32,7 @@ with guard():
             show_figure(fig, df, "alpha heatmap", key="ls_alpha")
         with c2:
             L = res.num_layers
+            links.seed("ls_layer", range(L + 1))
             layer = st.slider("block for the distance matrix (0 = input embeddings)", 0, L, L, key="ls_layer")
             fig, df = figures.distance_matrix(res.layer.D, layer, sp, mods, pre)
             show_figure(fig, df, f"distance matrix block {layer}", key="ls_dist")

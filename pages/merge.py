@@ -25,7 +25,7 @@ from esm_core.io import zip_files
 from esm_core.merging.registry import get_method, list_methods
 from esm_core.paths import DEMO_DIR
 from esm_core.zoo.skills import SKILLS
-from ui import figures, merge_data, merges, shared, state
+from ui import figures, links, merge_data, merges, shared, state
 from ui.widgets import csv_bytes, guard, param_controls, preset_badge, run_button, show_figure, timed_progress
 
 EQ1_NOTE = ("**What Eq. 1 on factors does.** Merging A and B separately gives the update "
@@ -210,7 +210,10 @@ with guard():
             raise ESMError(f"{a} and {b} cover different LoRA factors.", fix="compare merges of the same specialists.")
         L = sorted({k.layer for k in keys})
         k1, k2, k3 = st.columns([1, 2, 1])
+        links.seed("mg_cmp_layer", L)
+        links.seed("mg_cmp_ab", ["A", "B"])
         layer = k1.selectbox("block", L, format_func=lambda l: str(l + 1), key="mg_cmp_layer")
+        links.seed("mg_cmp_module", sorted({k.module for k in keys if k.layer == layer}))
         module = k2.selectbox("module", sorted({k.module for k in keys if k.layer == layer}), key="mg_cmp_module")
         ab = k3.radio("factor", ["A", "B"], horizontal=True, key="mg_cmp_ab")
         key = next(k for k in keys if k.layer == layer and k.module == module and k.ab == ab)

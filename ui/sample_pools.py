@@ -30,6 +30,11 @@ def sample_pool(modality: str) -> tuple[str, list]:
     return where, state.spec_samples()[modality]
 
 
+def pool_is_data_file(modality: str) -> bool:
+    """Whether rows of this modality are picked from the run's data file (not from an upload)."""
+    return modality not in _record().pool
+
+
 def picked_rows(modality: str) -> list[int] | None:
     """Indices into the pool of the rows in use, or None when all of them are."""
     return _record().picked.get(modality)
