@@ -30,6 +30,7 @@ PAGES = [
     st.Page("pages/embeddings.py", title="Embeddings", icon=":material/scatter_plot:", url_path="maps"),
     st.Page("pages/merge.py", title="Merge", icon=":material/merge:", url_path="merging"),
     st.Page("pages/query.py", title="Query", icon=":material/chat:", url_path="ask"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/leaderboard:", url_path="table"),
     st.Page("pages/explain.py", title="Explain", icon=":material/school:", url_path="trace"),
 ]
 

@@ -53,6 +53,7 @@ class Session:
     answers: tuple[str, list[dict]] | None = None  # Query page: (prompt text, rows of answers)
     sweep: tuple | None = None  # Layer page: (run key, counts, sets, projection sweep)
     stability: tuple | None = None  # Layer / Element pages: (run key, analysis.stability.Stability)
+    comparison: tuple | None = None  # Compare page: (key, benchmark Report, how it was got)
     form_spec: str | None = None  # Specialists page: the run its form was last built for
     form_version: int = 0
     message: str | None = None  # Specialists page: a note shown once after a rerun

@@ -98,12 +98,22 @@ def _flights() -> Flights:
 def estimate_once(key: str, ws: Workspace, cfg: MethodConfig, progress=None) -> tuple[ESResult, str]:
     """The result for key and how it was got: from the store ("cached"), by joining a run in progress
     ("joined"), or computed here, once ("computed")."""
-    store = _store()
+
+    def compute(report):
+        with ws.sset.gate.waiting(lambda ahead, secs, who: report(waiting_text(ahead, secs, who), 0.0)):
+            return estimate(ws, cfg, progress=report)
+
+    return once(_store(), _flights(), key, compute, progress, MAX_RESULTS)
+
+
+def once(store: dict, flights: Flights, key: str, compute, progress=None, keep: int = MAX_RESULTS):
+    """Single flight over a shared store: (value, "cached" | "joined" | "computed"). ``compute(report)``
+    runs once per key at a time; followers see the leader's progress; the store keeps ``keep`` values."""
     while True:
         if key in store:
             store[key] = store.pop(key)  # most recently used last
             return store[key], "cached"
-        flight, lead = _flights().join_or_lead(key)
+        flight, lead = flights.join_or_lead(key)
         if lead:
             break
         while not flight.done.wait(0.3):  # follow the run another session started
@@ -121,18 +131,32 @@ def estimate_once(key: str, ws: Workspace, cfg: MethodConfig, progress=None) -> 
             progress(msg, frac)
 
     try:
-        with ws.sset.gate.waiting(lambda ahead, secs, who: both(waiting_text(ahead, secs, who), 0.0)):
-            res = estimate(ws, cfg, progress=both)
-        store[key] = res
-        while len(store) > MAX_RESULTS:
+        value = compute(both)
+        store[key] = value
+        while len(store) > keep:
             store.pop(next(iter(store)))
-        flight.result = res
-        return res, "computed"
+        flight.result = value
+        return value, "computed"
     except BaseException as e:
         flight.error = e
         raise
     finally:
-        _flights().land(key, flight)
+        flights.land(key, flight)
+
+
+# ------------------------------------------------------------------------------------ comparisons
+MAX_COMPARISONS = 8  # comparison reports kept (all sessions together)
+
+
+@st.cache_resource(show_spinner=False)
+def comparison_store() -> dict:
+    """Process-wide store of merge-method comparisons (benchmark.Report) by key: shared like estimations."""
+    return {}
+
+
+@st.cache_resource(show_spinner=False)
+def comparison_flights() -> Flights:
+    return Flights()
 
 
 # ------------------------------------------------------------------------------------ learned merges

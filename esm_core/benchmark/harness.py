@@ -244,12 +244,12 @@ def answer_side_by_side(answerer: BatchedAnswerer, prompts: Prompt | Sequence[Pr
 
 
 def merged_adapter(ws, method, params: dict, *, es_result=None, data=None, seed: int = 0, name: str,
-                   progress: ProgressFn | None = None, space: str | None = None) -> tuple[str, dict]:
+                   progress: ProgressFn | None = None, space: str | None = None, config=None) -> tuple[str, dict]:
     """Run a registered merge method on the workspace's specialists and load the result as adapter ``name``
-    (``space``: factors or delta; default the run's merge_space)."""
+    (``space``: factors or delta; default the merge_space of ``config``, else of the run)."""
 
     ctx = MergeContext.from_specialists(ws.sset, workspace=ws, es_result=es_result, data=data, seed=seed,
-                                        progress=progress, config=ws.spec.method,
+                                        progress=progress, config=config or ws.spec.method,
                                         **({"space": space} if space else {}))
     t0 = time.perf_counter()
     out = method.run(ctx, params)

@@ -40,6 +40,7 @@ class Report:
     skipped: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     predictions: dict = field(default_factory=dict)  # "model|task" -> rows
+    prompts: dict = field(default_factory=dict, repr=False)  # task -> TaskPrompts (in memory only)
 
     def add(self, model: str, kind: str, task: TaskData, mode: str, score: Score) -> None:
         self.rows.append(dict(model=model, kind=kind, task=task.name, title=task.title, group=task.group, mode=mode,

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from esm_core.answering.batched import BatchedAnswerer
-from esm_core.benchmark.harness import MODES, evaluate_model, merged_adapter, task_prompts, training_prompts
+from esm_core.benchmark.comparison import CompareSettings, run_comparison
+from esm_core.benchmark.harness import MODES, evaluate_model, task_prompts
 from esm_core.benchmark.reports import Report, facts_line, task_facts
 from esm_core.benchmark.taskfile import FAMILIES, FAMILY_HELP, task_from_file
 from esm_core.benchmark.tasks import expand_names, load_tasks
@@ -248,62 +249,21 @@ def _compare(args, target, params: dict, methods: list[str], resolved: dict) -> 
                                             seed=args.seed, split_seed=args.split_seed, k=args.k, modes=modes,
                                             params=params, train_prompts=args.train_prompts,
                                             data_scope=args.data_scope, merges={}))
-    tps = []
-    for task in tasks:
-        tp = task_prompts(task, answerer, n=args.n, seed=args.seed, k=args.k)
-        tps.append(tp)
-        rep.tasks.append(task_facts(tp))
-        print(facts_line(rep.tasks[-1]), flush=True)
-        rep.add_references(tp, n_boot=args.n_boot, seed=args.seed)
-
-    def run_model(display, adapter, kind, only=None):
-        for tp in tps if only is None else [only]:
-            res = evaluate_model(answerer, tp, adapter, model_name=display, modes=modes, n_boot=args.n_boot,
-                                 seed=args.seed, progress=_prog(args, f"{display} / {tp.task.name}"),
-                                 keep_predictions=False)
-            rep.add_result(res, kind, tp.task)
-            print(f"{display} / {tp.task.name}: " + ", ".join(
-                f"{m} acc {100 * s.acc:.1f} f1 {100 * s.f1:.1f}" for m, s in res.scores.items())
-                + f" ({res.seconds:.1f}s)", flush=True)
-
-    if not args.no_base:
-        run_model("base", None, "base")
-    if not args.no_specialists:
-        for n in ws.sset.names:
-            run_model(f"specialist: {n}", n, "specialist")
-    es_result = None
     if needs_es:
         t0 = time.perf_counter()
         es_result = estimate(ws, progress=_prog(args, "ES coefficients"))
         rep.meta["es_estimate_s"] = time.perf_counter() - t0
-    spaces = getattr(args, "space_list", None) or [None]
+    else:
+        es_result = None
+    spaces = tuple(getattr(args, "space_list", None) or [None])
     rep.meta["spaces"] = [s or ws.spec.method.merge_space for s in spaces]
-    for (m, meth), space in ((mm, sp) for mm in resolved.items() for sp in spaces):
-        pretty = meth.pretty + (f" [{space}]" if space else "")
-        key = m + (f"|{space}" if space else "")
-        common = dict(es_result=es_result, seed=args.seed, name=f"merged_{m}", space=space,
-                      progress=_prog(args, pretty))
-        if "data" in meth.needs and args.data_scope == "suite":  # one merge on every task's training prompts
-            data = [p for tp in tps for p in training_prompts(tp.task, args.train_prompts, seed=args.seed, k=args.k,
-                                                               answerer=answerer)]
-            name, info = merged_adapter(ws, meth, params.get(m, {}), data=data, **common)
-            rep.meta["merges"][key] = info
-            run_model(pretty, name, "merge")
-            ws.sset.remove_adapter(name)
-        elif "data" in meth.needs:  # learns from the task: one merge per task, on its training prompts
-            for tp in tps:
-                data = training_prompts(tp.task, args.train_prompts, seed=args.seed, k=args.k, answerer=answerer)
-                name, info = merged_adapter(ws, meth, params.get(m, {}), data=data, **common)
-                rep.meta["merges"][f"{key}|{tp.task.name}"] = info
-                run_model(pretty, name, "merge", only=tp)
-                ws.sset.remove_adapter(name)
-        else:
-            name, info = merged_adapter(ws, meth, params.get(m, {}), **common)
-            rep.meta["merges"][key] = info
-            run_model(pretty, name, "merge")
-            ws.sset.remove_adapter(name)
-    rep.meta["total_s"] = time.perf_counter() - t_all
-    rep.meta["device"] = str(ws.sset.device)
+    settings = CompareSettings(n=args.n, seed=args.seed, k=args.k, modes=tuple(modes), n_boot=args.n_boot,
+                               spaces=spaces, params=params, train_prompts=args.train_prompts,
+                               data_scope=args.data_scope, base=not args.no_base, specialists=not args.no_specialists)
+    run_comparison(ws, answerer, tasks, resolved, settings, es_result=es_result, report=rep,
+                   progress_for=lambda desc: _prog(args, desc), log=lambda msg: print(msg, flush=True),
+                   on_task=lambda facts: print(facts_line(facts), flush=True))
+    rep.meta["total_s"] = time.perf_counter() - t_all  # the estimation included
     md = rep.markdown(modes)
 
     def write(tmp: Path) -> None:
