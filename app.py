@@ -32,6 +32,7 @@ PAGES = [
     st.Page("pages/query.py", title="Query", icon=":material/chat:", url_path="ask"),
     st.Page("pages/compare.py", title="Compare", icon=":material/leaderboard:", url_path="table"),
     st.Page("pages/explain.py", title="Explain", icon=":material/school:", url_path="trace"),
+    st.Page("pages/learn.py", title="Learn in 10 steps", icon=":material/menu_book:", url_path="lesson"),
 ]
 
 

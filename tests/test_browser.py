@@ -121,6 +121,15 @@ def test_main_flow_in_chromium(server):
         page.get_by_role("button", name="Answer").click()
         expect(page.get_by_text("Label probabilities (normalised over the answers)").first).to_be_visible(timeout=300_000)
         shot("07_query")
+
+        go("Learn in 10 steps", "Step 1: Probes hold every modality")
+        shot("08_learn")
+        # a link with view state opens that view in a fresh session (an instructor sends a room to step 4)
+        other = browser.new_page(viewport={"width": 1440, "height": 1000})
+        other.goto(server.rstrip("/") + "/lesson?lesson_step=4")
+        expect(other.get_by_text("Step 4: Where the distance grows").first).to_be_visible()
+        expect(other).to_have_url(re.compile(r"lesson_step=4"))
+        other.close()
         browser.close()
     assert (ARTIFACTS / "07_query.png").stat().st_size > 10_000
 

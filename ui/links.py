@@ -32,7 +32,7 @@ LINKED: dict[str, Callable[[str], object]] = {
     "el_layer": int, "el_module": str, "el_ab": str, "el_what": str,
     "ex_spec": str, "ex_layer": int, "ex_module": str, "ex_ab": str, "ex_row": int, "ex_col": int,
     "emb_mod": str, "emb_level": str, "emb_layer": int, "emb_method": str,
-    "ls_layer": int,
+    "ls_layer": int, "lesson_step": int,
     "mg_cmp_layer": int, "mg_cmp_module": str, "mg_cmp_ab": str,
 }
 SET, ROWS = "set.", "rows."
