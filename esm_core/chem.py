@@ -68,6 +68,16 @@ def heavy_atoms(smiles: str) -> int:
     return mol(smiles).GetNumHeavyAtoms()
 
 
+def descriptors(smiles: str) -> dict[str, float]:
+    """A few RDKit descriptors of a SMILES (molecular weight, Crippen logP, aromatic rings, heavy atoms, TPSA)."""
+    from rdkit.Chem import Crippen, Descriptors, rdMolDescriptors
+
+    m = mol(smiles)
+    return {"molecular weight": float(Descriptors.MolWt(m)), "logP": float(Crippen.MolLogP(m)),
+            "aromatic rings": float(rdMolDescriptors.CalcNumAromaticRings(m)),
+            "heavy atoms": float(m.GetNumHeavyAtoms()), "TPSA": float(rdMolDescriptors.CalcTPSA(m))}
+
+
 @lru_cache(maxsize=8)
 def morgan_generator(radius: int = MORGAN_RADIUS, n_bits: int = MORGAN_BITS):
     """RDKit's Morgan fingerprint generator, one per (radius, bits)."""

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from esm_core.analysis.embed2d import gather_points
-from ui import caches, figures, links, merges, state
+from ui import caches, figures, links, merges, sample_pools, state
 from ui.widgets import guard, need_result, preset_badge, show_figure
 
 st.title("Embeddings")
@@ -53,12 +53,23 @@ with guard():
                                 default=["base", *res.specialists, *merged[-1:]], key="emb_models")
         if len(models) < 1:
             st.stop()
+        o1, o2, o3, o4 = st.columns([1, 1, 1, 1])
+        per_model = int(o1.select_slider("points per model", [100, 250, 500, 1000, 2000], value=2000, key="emb_max",
+                                         help="A seeded sample of each model's points: fewer points, less overplotting."))
+        density = o2.toggle("density contours", value=False, key="emb_density",
+                            help="Contours of point density under the points, for crowded maps.")
+        pair = o3.toggle("two models side by side", value=False, key="emb_pair", disabled=len(models) < 2,
+                         help="The same projection, one panel per model: the same sample sits at the same place "
+                              "only if both models agree on it.")
+        query = o4.text_input("search samples", "", key="emb_search",
+                              help="Rings every point whose sample contains this text (a SMILES fragment, a motif, "
+                                   "a gene).").strip()
         states = [state.states_of(res)]
         for m in models:
             if m in merged:
                 states.append(merges.merged_states(m, cfg))
         pts = gather_points(states, layer, modality, models, level="sample" if level == "sample means" else "token",
-                            max_points_per_model=2000, seed=cfg.seed)
+                            max_points_per_model=per_model, seed=cfg.seed)
         key = f"{state.run_key(cfg)}:{modality}:{layer}:{level}:{','.join(models)}:{len(pts.model)}"
         xy = project(key, method.lower(), cfg.seed, pts.X)
         raws = state.workspace().batcher(cfg).probes.samples[modality]
@@ -66,8 +77,30 @@ with guard():
                            "sample": pts.sample, "token": pts.token,
                            "text": [_label(raws[s]) + ("" if t < 0 else f"  [token {t}]")
                                     for s, t in zip(pts.sample, pts.token)]})
+        kind = next(m.kind for m in state.spec().modalities if m.name == modality)
+        props = caches.sample_properties(kind, tuple(raws))
+        extra = sample_pools.data_columns(modality, state.workspace().batcher(cfg).probes.sample_rows[modality])
+        if extra is not None and len(extra) == len(raws):
+            props = pd.concat([props, extra.reset_index(drop=True)], axis=1)
+        for c in props.columns:
+            df[c] = props[c].to_numpy()[df["sample"].to_numpy()]
+        color = st.selectbox("colour by", ["model", *props.columns], key="emb_color",
+                             help="A property of each sample: computed from it (RDKit descriptors, length, ...) or "
+                                  "a column of the data file the samples come from.")
+        side = None
+        if pair and len(models) >= 2:
+            p1, p2 = st.columns(2)
+            side = [p1.selectbox("left", models, index=0, key="emb_left"),
+                    p2.selectbox("right", models, index=1, key="emb_right")]
+            if side[0] == side[1]:
+                side = None
+        hit = df["text"].str.contains(query, case=False, regex=False) if query else None
+        if query:
+            st.caption(f"{int(hit.sum())} point(s) of {df.loc[hit, 'sample'].nunique() if hit.any() else 0} "
+                       f"sample(s) match {query!r}.")
         where = "input embeddings" if layer == 0 else f"block {layer}"
-        fig = figures.embedding_scatter(df, f"{method} of {modality} {level} at {where}", models, axis=method)
+        fig = figures.embedding_map(df, f"{method} of {modality} {level} at {where}", models, axis=method,
+                                    color=color, highlight=hit, density=density, side_by_side=side)
         event = show_figure(fig, df, f"embeddings {modality} {where}", key="emb_scatter", on_select="rerun")
         sel = []
         try:

@@ -129,6 +129,37 @@ def test_embeddings_page_maps_every_model(app_env):
     assert any("centroid" in c.value for c in at.caption)
 
 
+def test_embeddings_colour_search_density_and_side_by_side(app_env):
+    from esm_core.analysis.properties import sample_properties
+
+    at = _computed_app("embeddings")
+    res = at.session_state["esm"].base_result
+    mod = res.modalities[0]
+    colours = at.selectbox(key="emb_color").options
+    kind = {"molecule": "smiles", "protein": "protein", "cell": "genes"}.get(mod)
+    if kind == "smiles":
+        assert "molecular weight" in colours and "logP" in colours
+        at.selectbox(key="emb_color").set_value("molecular weight").run()
+        _ok(at)
+        fig = next(f for f in _figures(at) if "PCA" in f["layout"]["title"]["text"])
+        shown = np.concatenate([_arr(t["marker"]["color"]) for t in fig["data"] if t.get("type") in ("scatter", "scattergl")
+                                and "color" in t.get("marker", {}) and not isinstance(t["marker"]["color"], str)])
+        raws = at.session_state["esm"].samples  # the session's samples; the map shows the drawn probes of them
+        want = sample_properties("smiles", list(dict.fromkeys(raws[mod])))["molecular weight"]
+        assert shown.min() >= want.min() - 1e-6 and shown.max() <= want.max() + 1e-6
+    # search rings the matches; density adds contours; two models side by side get one panel each
+    first = at.session_state["esm"].samples[mod][0]
+    at.text_input(key="emb_search").set_value(first[:6]).run()
+    at.toggle(key="emb_density").set_value(True).run()
+    at.toggle(key="emb_pair").set_value(True).run()
+    _ok(at)
+    fig = next(f for f in _figures(at) if "PCA" in f["layout"]["title"]["text"])
+    names = {t.get("name") for t in fig["data"]}
+    assert "search matches" in names and "density" in names
+    assert "xaxis2" in fig["layout"]  # two panels
+    assert any("match" in c.value for c in at.caption)
+
+
 def test_explain_page_traces_to_the_stored_lambda(app_env):
     at = _computed_app("explain")
     res = at.session_state["esm"].base_result

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pandas as pd
 import streamlit as st
 
+from esm_core.analysis import properties as props
 from esm_core.analysis.describe import check_specialists
 from esm_core.analysis.embed2d import project_2d
 from esm_core.answering.batched import BatchedAnswerer
@@ -95,3 +97,17 @@ def task(name: str, data_dir: str | None):
 @st.cache_resource(show_spinner="Building the skill questions ...", max_entries=2)
 def skill_sets():
     return load_skill_sets()
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def sample_properties(kind: str, raws: tuple) -> pd.DataFrame:
+    """Properties of probe samples for the maps' colours (esm_core/analysis/properties.py)."""
+    return props.sample_properties(kind, list(raws))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def data_table(path: str, mtime: float) -> pd.DataFrame:
+    """A probe data file with all its columns (the maps colour by them); keyed by its modification time."""
+    from esm_core.samples import read_table
+
+    return read_table(path)

@@ -221,6 +221,48 @@ def embedding_scatter(df: pd.DataFrame, title: str, models: list[str], axis: str
     return fig
 
 
+def embedding_map(df: pd.DataFrame, title: str, models: list[str], axis: str = "component", *, color: str = "model",
+                  highlight=None, density: bool = False, side_by_side: list[str] | None = None) -> go.Figure:
+    """The embedding map as people know it from the Embedding Projector: colour by the model or by a sample
+    property (numeric: a colour scale; else categories), search matches ringed, density contours against
+    overplotting, and two models side by side on the same projection (LIT-style)."""
+    d = df if not side_by_side else df[df["model"].isin(side_by_side)]
+    numeric = color != "model" and pd.api.types.is_numeric_dtype(d[color])
+    kw = dict(color=color, hover_name="text", custom_data=["model", "modality", "sample"],
+              hover_data={"x": False, "y": False, "sample": True, "model": True,
+                          **({color: True} if color != "model" else {})})
+    if color == "model":
+        kw["color_discrete_map"] = color_map(models)
+    else:
+        kw["symbol"] = "model"
+        if numeric:
+            kw["color_continuous_scale"] = "Viridis"
+    if side_by_side:
+        kw.update(facet_col="model", category_orders={"model": list(side_by_side)})
+    fig = px.scatter(d, x="x", y="y", **kw)
+    fig.update_traces(marker=dict(size=7, opacity=0.45 if density else 0.75))  # the points (others come after)
+    panels = list(side_by_side) if side_by_side else [None]
+    for j, m in enumerate(panels, start=1):
+        part = d if m is None else d[d["model"] == m]
+        where = dict(row=1, col=j) if side_by_side else {}
+        if density and len(part) > 5:
+            fig.add_trace(go.Histogram2dContour(x=part["x"], y=part["y"], showscale=False, ncontours=8,
+                                                contours_coloring="none", line=dict(width=1, color="#555"),
+                                                hoverinfo="skip", name="density", showlegend=False), **where)
+        if highlight is not None:
+            hit = part[highlight.loc[part.index]]
+            if len(hit):
+                fig.add_trace(go.Scatter(x=hit["x"], y=hit["y"], mode="markers", name="search matches",
+                                         text=hit["text"], hoverinfo="text", showlegend=j == 1,
+                                         marker=dict(size=16, symbol="circle-open", color="black",
+                                                     line=dict(width=2))), **where)
+    fig.update_layout(title=title, height=560, dragmode="lasso",
+                      legend_title_text="model" if color == "model" else f"{color} / model")
+    fig.update_xaxes(title_text=f"{axis} 1")
+    fig.update_yaxes(title_text=f"{axis} 2")
+    return fig
+
+
 def _tag(preset: str) -> str:
     return f" — preset '{preset}'" if preset else ""
 

@@ -85,3 +85,35 @@ def sample_reports() -> dict:
     cached by the samples and the modality kinds."""
     kinds = tuple((m.name, m.kind) for m in state.spec().modalities)
     return caches.sample_reports(f"{state.samples_key()}:{caches.digest(kinds)}", kinds, state.samples())
+
+
+def data_columns(modality: str, rows: list[int]):
+    """The data file's other columns (a cell type, a source, ...) for the samples at ``rows`` of the current
+    samples, when those samples are the data file's own rows (whole or picked); None otherwise."""
+    import os
+
+    m = next((x for x in state.spec().modalities if x.name == modality), None)
+    if m is None or m.data is None or not m.data.path or not pool_is_data_file(modality):
+        return None
+    cur, pool = state.samples().get(modality, []), state.spec_samples()[modality]
+    picked = picked_rows(modality)
+    where = picked if picked is not None else (list(range(len(pool))) if list(cur) == list(pool) else None)
+    if where is None:
+        return None
+    try:
+        df = caches.data_table(m.data.path, os.path.getmtime(m.data.path))
+    except Exception:  # noqa: BLE001 - colouring is optional; the map still shows
+        return None
+    import pandas as pd
+
+    sub = df.iloc[[where[r] for r in rows]].reset_index(drop=True)
+    out = {}
+    for c in sub.columns:
+        if c == m.data.column:
+            continue
+        num = pd.to_numeric(sub[c], errors="coerce")
+        if num.notna().all():
+            out[c] = num  # a measured value: a colour scale
+        elif df[c].nunique() <= 50:
+            out[c] = sub[c].astype(str)  # a few categories (cell type, source): colours
+    return pd.DataFrame(out) if out else None
