@@ -69,6 +69,17 @@ class ESResult:
     def keys(self) -> list[LoraKey]:
         return sorted(self.lam)
 
+    def digest(self) -> str:
+        """A short fingerprint of the coefficients (alpha and every lambda, bit for bit): two runs show the
+        same digest exactly when they give the same merge coefficients (the workshop load test reads it)."""
+        import hashlib
+
+        h = hashlib.sha256(self.layer.alpha.detach().float().contiguous().numpy().tobytes())
+        for k in sorted(self.lam):
+            h.update(str(k).encode())
+            h.update(self.lam[k].detach().float().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
 
 # ------------------------------------------------------------------------------------ workspace
 class Workspace:

@@ -54,6 +54,7 @@ with guard():
         k2.metric("pass over probes", f"{t.get('signals_total_s', 0):.1f} s")
         k3.metric("SWD", f"{t.get('swd_s', 0):.2f} s")
         k4.metric("LoRA factors", len(res.lam))
+        st.caption(f"coefficients digest `{res.digest()}` (equal digests: equal α and λ, bit for bit)")
         L = res.num_layers
         c1, c2 = st.columns(2)
         with c1:
