@@ -1,0 +1,237 @@
+"""Benchmark: a workshop room on one server. N real browser sessions (chromium, one context each) open the
+app and press "Run ES-Merging" at the same moment, half on the default probe selection and half on their own
+(molecule rows picked through a link: ``?rows.molecule=a-b``); then each opens the lesson and asks a question
+(reveals step 1's answer).
+
+    python bench/bench_workshop.py --sessions 8
+
+Prints per session: the wait from the click until its result was shown, the coefficients digest it shows
+(esm_core.pipeline.ESResult.digest) against a solo run of the same selection in this process, errors on its
+pages, and the lesson's answer; then the health endpoint's slowest answer while the room ran (polled every
+0.2 s). Targets (issue "The workshop room"): zero errors, every digest equal to its solo run, the default
+sessions after the first served within 3 s of the first one's result (they join its run: one computation),
+health within 1 s throughout. ``run_workshop`` is what tests/test_workshop.py calls with N = 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"]
+OWN_ROWS = 24  # molecule rows an "own selection" session picks (>= min_probes)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(env: dict, log_path: Path, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port",
+                             str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
+                             "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200:
+                return proc, url
+        except OSError:
+            time.sleep(0.3)  # polling the server's own health signal until it answers
+    proc.kill()
+    raise RuntimeError(f"streamlit did not start within {timeout:.0f} s; see {log_path}")
+
+
+class HealthPoller(threading.Thread):
+    """Polls /_stcore/health every 0.2 s and keeps the slowest answer (a failure counts as the timeout)."""
+
+    def __init__(self, url: str, timeout: float = 5.0):
+        super().__init__(daemon=True)
+        self.url, self.timeout = url + "/_stcore/health", timeout
+        self.worst, self.n, self.failures = 0.0, 0, 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(0.2):
+            t0 = time.monotonic()
+            try:
+                ok = urllib.request.urlopen(self.url, timeout=self.timeout).status == 200
+            except OSError:
+                ok = False
+            dt = time.monotonic() - t0 if ok else self.timeout
+            self.failures += not ok
+            self.worst, self.n = max(self.worst, dt), self.n + 1
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(10)
+
+
+def selections(n: int) -> list[str | None]:
+    """Half the sessions on the default selection (None), half on their own molecule rows."""
+    return [None if i % 2 == 0 else f"{(i // 2) * OWN_ROWS}-{(i // 2) * OWN_ROWS + OWN_ROWS - 1}" for i in range(n)]
+
+
+def solo_digests(spec_path: Path | None, rows: list[str | None]) -> dict[str | None, str]:
+    """The coefficients digest of a solo run of each selection, computed here (same code path as the app)."""
+    from esm_core.pipeline import Workspace, estimate, read_probe_samples
+    from esm_core.runspec import load_run_spec
+    from esm_core.zoo.load import demo_spec
+
+    spec = load_run_spec(spec_path) if spec_path else demo_spec()
+    base = read_probe_samples(spec)
+    mol = spec.modalities[0].name
+    out = {}
+    for r in dict.fromkeys(rows):
+        samples = dict(base)
+        if r is not None:
+            a, b = (int(x) for x in r.split("-"))
+            samples[mol] = [base[mol][i] for i in range(a, b + 1)]
+        ws = Workspace.from_spec(spec, samples=samples)
+        out[r] = estimate(ws, spec.method).digest()
+    return out
+
+
+async def _session(i: int, browser, url: str, rows: str | None, mol: str, timeout_ms: int,
+                   shots: Path | None = None) -> dict:
+    from playwright.async_api import expect
+
+    ctx = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await ctx.new_page()
+    page.set_default_timeout(timeout_ms)
+    rec: dict = {"session": i, "selection": "default" if rows is None else f"{mol} rows {rows}", "errors": []}
+    try:
+        await page.goto(url + ("/" if rows is None else f"/?rows.{mol}={rows}"))
+        run = page.get_by_role("button", name="Run ES-Merging")
+        await expect(run).to_be_visible(timeout=timeout_ms)
+        t0 = time.monotonic()
+        await run.click()
+        digest = page.get_by_text(re.compile(r"coefficients digest"))
+        await expect(digest).to_be_visible(timeout=timeout_ms)
+        rec["done_at"] = time.monotonic()
+        rec["wait_s"] = rec["done_at"] - t0
+        m = re.search(r"digest\s+([0-9a-f]{16})", await digest.first.inner_text())
+        rec["digest"] = m.group(1) if m else None
+        label = await page.get_by_text(re.compile(r": computed in")).first.inner_text()
+        rec["how"] = ("joined" if label.startswith("Joined") else "cached" if label.startswith("Loaded")
+                      else "computed")
+        await page.get_by_role("link", name="Learn in 10 steps").first.click()
+        await expect(page.get_by_text("Step 1: Probes hold every modality")).to_be_visible(timeout=timeout_ms)
+        await page.get_by_text("Reveal the answer", exact=True).click()
+        ans = page.get_by_text(re.compile(r"Mean tokens per block"))
+        await expect(ans).to_be_visible(timeout=timeout_ms)
+        rec["lesson"] = (await ans.first.inner_text())[:80]
+        for sel in ('[data-testid="stException"]', '[data-testid="stAlertContentError"]'):
+            for el in await page.locator(sel).all():
+                rec["errors"].append((await el.inner_text())[:200])
+    except Exception as e:  # noqa: BLE001 - a session's failure is a result of the load test
+        rec["errors"].append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        if shots is not None:
+            await page.screenshot(path=str(shots / f"workshop_session_{i}.png"), full_page=True)
+    finally:
+        await ctx.close()
+    return rec
+
+
+async def _room(url: str, rows: list[str | None], mol: str, timeout_ms: int, shots: Path | None) -> list[dict]:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            return list(await asyncio.gather(*[_session(i, browser, url, r, mol, timeout_ms, shots)
+                                               for i, r in enumerate(rows)]))
+        finally:
+            await browser.close()
+
+
+def run_workshop(n: int, *, spec_path: Path | None = None, env: dict | None = None, log_dir: Path | None = None,
+                 timeout_s: float = 900.0) -> dict:
+    """N sessions at once on one fresh server; returns per-session records and the room's figures."""
+    from esm_core.runspec import load_run_spec
+    from esm_core.zoo.load import demo_spec
+
+    spec = load_run_spec(spec_path) if spec_path else demo_spec()
+    mol = spec.modalities[0].name
+    rows = selections(n)
+    log_dir = Path(log_dir or ROOT / "test-artifacts")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(env or os.environ, PYTHONUNBUFFERED="1")
+    if spec_path:
+        env["ESM_DEMO_SPEC"] = str(spec_path)
+    proc, url = start_server(env, log_dir / "workshop_streamlit.log")
+    health = HealthPoller(url)
+    health.start()
+    t0 = time.monotonic()
+    try:
+        recs = asyncio.run(_room(url, rows, mol, int(timeout_s * 1000), log_dir))
+    finally:
+        health.stop()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    wall = time.monotonic() - t0
+    solo = solo_digests(spec_path, rows)
+    for r, sel in zip(recs, rows):
+        r["solo_digest"] = solo[sel]
+        r["equal_to_solo"] = r.get("digest") == solo[sel]
+    default = sorted((r for r, sel in zip(recs, rows) if sel is None and "done_at" in r), key=lambda r: r["done_at"])
+    lags = [r["done_at"] - default[0]["done_at"] for r in default[1:]]
+    for r in recs:
+        r.pop("done_at", None)
+    return {"sessions": recs, "wall_s": wall, "default_lag_after_first_s": lags,
+            "health_worst_s": health.worst, "health_polls": health.n, "health_failures": health.failures,
+            "errors": sum(len(r["errors"]) for r in recs), "all_equal": all(r["equal_to_solo"] for r in recs)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sessions", type=int, default=8)
+    ap.add_argument("--out", default=None, help="also write the figures as JSON here")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds a session may wait for one step")
+    args = ap.parse_args()
+    res = run_workshop(args.sessions, timeout_s=args.timeout)
+    print(f"{args.sessions} sessions, {res['wall_s']:.0f} s wall")
+    print("session  selection                 wait_s  how       digest            solo equal  errors  lesson")
+    for r in res["sessions"]:
+        print(f"{r['session']:>7}  {r['selection']:<24} {r.get('wait_s', float('nan')):7.1f}  {r.get('how', '-'):<8}  "
+              f"{r.get('digest') or '-':<16}  {str(r['equal_to_solo']):<10}  {len(r['errors']):>6}  "
+              f"{(r.get('lesson') or '')[:40]}")
+        for e in r["errors"]:
+            print(f"         error: {e}")
+    lags = res["default_lag_after_first_s"]
+    print(f"default sessions after the first: served {', '.join(f'{x:.1f}' for x in lags) or '-'} s after the "
+          f"first one's result (target < 3 s)")
+    print(f"health endpoint: slowest {res['health_worst_s']:.2f} s over {res['health_polls']} polls, "
+          f"{res['health_failures']} failed (target < 1 s)")
+    ok = (res["errors"] == 0 and res["all_equal"] and all(x < 3 for x in lags) and res["health_worst_s"] < 1)
+    print("targets met" if ok else "targets NOT met")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
