@@ -174,6 +174,17 @@ def _one_runtime(monkeypatch):
     monkeypatch.setattr(PagesManager, "uses_pages_directory", False)
     monkeypatch.setattr(app_test, "Runtime", type("TestRuntime", (Runtime,), {}))
     monkeypatch.setattr(app_test, "PagesManager", type("TestPagesManager", (PagesManager,), {}))
+    # Around each run AppTest also patches ``config.get_option`` process-wide (global.appTest = True) and
+    # restores it on exit; runs in threads restore it under each other, so a run can execute with
+    # appTest off, and its widgets' test registry (format_func) stays empty (KeyError in a later run).
+    # Pin the option on for the whole test and make AppTest's per-run patch a no-op.
+    import contextlib
+
+    from streamlit import config
+
+    real_get = config.get_option
+    monkeypatch.setattr(config, "get_option", lambda key: True if key == "global.appTest" else real_get(key))
+    monkeypatch.setattr(app_test, "patch_config_options", lambda overrides: contextlib.nullcontext())
 
 
 def test_three_sessions_at_once_equal_their_solo_runs(tiny_app, world, monkeypatch):
