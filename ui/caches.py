@@ -21,7 +21,7 @@ from esm_core.answering.batched import BatchedAnswerer
 from esm_core.benchmark.tasks import load_task
 from esm_core.coefficients import alpha_projection_sweep, modality_weights
 from esm_core.config import MethodConfig
-from esm_core.pipeline import ESResult, read_probe_samples, recompute
+from esm_core.pipeline import ESResult, cost_of, read_probe_samples, recompute
 from esm_core.runspec import run_spec_from_dict
 from esm_core.samples import validate
 from esm_core.states import collect_hidden_states
@@ -111,3 +111,10 @@ def data_table(path: str, mtime: float) -> pd.DataFrame:
     from esm_core.samples import read_table
 
     return read_table(path)
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def run_cost(key: str, _ws, _cfg: MethodConfig):
+    """The cost estimate of a selection (esm_core.cost), built once per run key for every session."""
+    with _ws.sset.exclusive("cost estimate"):  # building the probes re-caps shared encoders
+        return cost_of(_ws, _cfg)

@@ -21,7 +21,7 @@ import torch
 
 from esm_core.config import MethodConfig, pass_key
 from esm_core.errors import ESMError
-from esm_core.pipeline import ESResult, cost_of, required_stage
+from esm_core.pipeline import ESResult, required_stage
 from esm_core.runspec import RunSpec, load_run_spec, run_spec_to_dict
 
 from . import caches, shared
@@ -119,10 +119,13 @@ def workspace():
 
 
 def run_cost():
-    """What running the current selection will cost (esm_core.cost): FLOPs, memory, lower-bound time."""
-    ws = workspace()
-    with ws.sset.exclusive("cost estimate"):  # building the probes re-caps shared encoders
-        return cost_of(ws, method())
+    """What running the current selection will cost (esm_core.cost): FLOPs, memory, lower-bound time.
+
+    Cached by the run key for every session: only the first asker builds the probes, which needs the
+    shared model (it re-caps shared encoders), so a session joining a busy room is not held behind
+    another session's estimation just to show this line."""
+    cfg = method()
+    return caches.run_cost(f"{run_key(cfg)}:{caches.digest(cfg.resolved())}", workspace(), cfg)
 
 
 @contextlib.contextmanager
