@@ -68,9 +68,8 @@ with guard():
         if key != comparisons.comparison_key(chosen, tasks, dd or None, settings):
             st.info("The table below is for an earlier choice; press Compare for the current one.")
         st.caption(f"{len(rep.tasks)} task(s), {rep.meta.get('total_s', 0):.0f} s to compute ({how}).")
-        st.markdown(rep.markdown([m for m in ("generation", "likelihood")
-                                  if any(r["mode"] == m for r in rep.rows)]))
         md = rep.markdown([m for m in ("generation", "likelihood") if any(r["mode"] == m for r in rep.rows)])
+        st.markdown(md)
         f1, f2, f3 = st.columns(3)
         f1.download_button("table.md", md.encode(), file_name="table.md", mime="text/markdown", key="cmp_md",
                            on_click="ignore")
