@@ -181,6 +181,54 @@ def test_fit_prompt_drops_least_similar_examples(workspace, tasks):
         fa.run([full], None)
 
 
+def _long_protein_task(n_train=30, n_test=6):
+    rnd = random.Random(5)
+    prots = ["M" + "".join(rnd.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(rnd.randint(150, 400)))
+             for _ in range(8)]
+    recs = [Record({"smiles": rnd.choice(MOLECULES), "protein": rnd.choice(prots)}, rnd.choice(YN), {"i": i})
+            for i in range(n_train + n_test)]
+    return TaskData("long_dti", "Long DTI", "Molecule-protein interaction", "molecule_protein",
+                    recs[:n_train], recs[n_train:])
+
+
+def _proteins_of(p) -> list[str]:
+    from esm_core.answering.prompts import Item
+
+    return [s.raw for s in p.segments if isinstance(s, Item) and s.modality == "protein"]
+
+
+def test_fit_prompt_windows_proteins_so_that_all_examples_fit(workspace):
+    """The example-fit guarantee: a prompt over the context first gets its proteins (examples' and query's)
+    windowed to their first N residues, N as large as fits; examples are dropped only below the minimum."""
+    from esm_core.benchmark.harness import MIN_PROTEIN_WINDOW
+
+    td = _long_protein_task()
+    fa = BatchedAnswerer(workspace.sset, workspace.encoders)
+    fa.qa.max_length = 10**6  # lengths only: nothing here runs the model
+    for rec in td.test:
+        full = fit_prompt(td, rec, fa, k=5)
+        n_full = fa.prompt_length(full)
+        assert full.meta["protein_window"] is None and len(full.meta["chosen"]) == 5
+        fa.qa.max_length = n_full * 2 // 3
+        p = fit_prompt(td, rec, fa, k=5)
+        w = p.meta["protein_window"]
+        assert p.meta["dropped"] == 0 and len(p.meta["chosen"]) == 5  # every example kept
+        assert fa.prompt_length(p) <= fa.qa.max_length and MIN_PROTEIN_WINDOW <= w
+        whole = [td.train[c.index].values["protein"] for c in p.meta["chosen"]] + [rec.values["protein"]]
+        assert _proteins_of(p) == [s[:w] for s in whole]  # the first w residues of every protein
+        assert fa.prompt_length(td.prompt(rec, chosen=p.meta["chosen"], residues=w + 1)) > fa.qa.max_length  # largest
+        fa.qa.max_length = 10**6
+    # below the minimum window, the least similar examples go (at the minimum window)
+    rec = td.test[0]
+    at_min = td.prompt(rec, k=5, residues=MIN_PROTEIN_WINDOW)
+    fa.qa.max_length = fa.prompt_length(at_min) - 1
+    p = fit_prompt(td, rec, fa, k=5)
+    assert p.meta["dropped"] >= 1 and p.meta["protein_window"] == MIN_PROTEIN_WINDOW
+    assert fa.prompt_length(p) <= fa.qa.max_length
+    tp = task_prompts(td, fa, n=None)
+    assert tp.n_windowed == len(tp.prompts) and tp.n_too_long == 0
+
+
 def test_task_prompts_sampling_and_training_prompts(ba, tasks):
     td = tasks["dti"]
     a = task_prompts(td, ba, n=6, seed=1)

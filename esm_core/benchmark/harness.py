@@ -27,15 +27,47 @@ from esm_core.progress import ProgressFn
 MODES = ("generation", "likelihood")
 
 
+MIN_PROTEIN_WINDOW = 48  # residues: proteins are never windowed below this to make room for examples
+
+
+def _longest_protein(task: TaskData, record: Record, chosen) -> int:
+    recs = [record] + [task.train[c.index] for c in chosen]
+    lens = [len(r.values[f.key]) for r in recs for f in task.fields if f.modality == "protein"]
+    lens += [len(i.raw) for _, i in task.context if i.modality == "protein"]
+    return max(lens, default=0)
+
+
 def fit_prompt(task: TaskData, record: Record, answerer: BatchedAnswerer, k: int = 5, exclude=None,
                min_examples: int = 0) -> Prompt | None:
-    """The task's prompt for a record with up to k examples, dropping the least similar examples until it
-    fits the model's context. None when even ``min_examples`` examples do not fit. ``prompt.meta['dropped']``
-    says how many were dropped."""
+    """The task's prompt for a record with up to k examples, fitted to the model's context.
+
+    First every protein of the prompt (the examples', the query's, the context's) is windowed to its first
+    N residues, N as large as lets all the chosen examples fit (never below ``MIN_PROTEIN_WINDOW``;
+    ``meta['protein_window']``, None when nothing was cut). Only when that is not enough are the least
+    similar examples dropped (``meta['dropped']``). None when even ``min_examples`` examples do not fit.
+    """
     chosen = task.select(record, k, exclude)
+    fits = lambda p: answerer.prompt_length(p) <= answerer.max_length  # noqa: E731
+    p = task.prompt(record, chosen=chosen)
+    window = None
+    if not fits(p) and task.shows_proteins:
+        longest = min(_longest_protein(task, record, chosen), task.protein_residues or 10**9)
+        lo, hi = MIN_PROTEIN_WINDOW, longest - 1  # the largest window in [lo, hi] that fits, by bisection
+        if lo <= hi:
+            window = lo
+            if fits(task.prompt(record, chosen=chosen, residues=lo)):
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    if fits(task.prompt(record, chosen=chosen, residues=mid)):
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                window = lo
+            p = task.prompt(record, chosen=chosen, residues=window)
     for j in range(len(chosen), min(min_examples, len(chosen)) - 1, -1):
-        p = task.prompt(record, chosen=chosen[:j])
-        if answerer.prompt_length(p) <= answerer.max_length:
+        if j < len(chosen):
+            p = task.prompt(record, chosen=chosen[:j], residues=window)
+        if fits(p):
             p.meta["dropped"] = len(chosen) - j
             p.meta["selected"] = list(chosen)
             return p
@@ -53,6 +85,7 @@ class TaskPrompts:
     n_too_long: int = 0
     n_dropped_examples: int = 0
     k: int = 5  # examples asked per prompt
+    n_windowed: int = 0  # prompts whose proteins were windowed to fit (fit_prompt)
 
     @property
     def gold(self) -> list[str]:
@@ -63,20 +96,27 @@ class TaskPrompts:
         """Mean number of in-context examples the prompts really hold (after any dropped to fit); NaN if none."""
         return float(np.mean([len(p.meta["chosen"]) for p in self.prompts])) if self.prompts else float("nan")
 
+    @property
+    def mean_window(self) -> float:
+        """Mean protein window (residues) of the windowed prompts; NaN if none was windowed."""
+        w = [p.meta["protein_window"] for p in self.prompts if p.meta.get("protein_window")]
+        return float(np.mean(w)) if w else float("nan")
+
 
 def task_prompts(task: TaskData, answerer: BatchedAnswerer | None, *, n: int | None = 500, seed: int = 0, k: int = 5,
                  min_examples: int = 0) -> TaskPrompts:
     """Sample ``n`` test rows (seeded, without replacement; all when fewer) and build their prompts.
 
-    Prompts longer than the model's context lose their least similar examples; rows that do not fit
-    even with ``min_examples`` are left out and counted (``n_too_long``).
+    Prompts longer than the model's context get their proteins windowed (``n_windowed``), then lose their
+    least similar examples; rows that do not fit even with ``min_examples`` are left out and counted
+    (``n_too_long``).
     """
     N = len(task.test)
     if n is None or n >= N:
         rows = list(range(N))
     else:
         rows = sorted(np.random.default_rng(seed).choice(N, size=n, replace=False).tolist())
-    kept, prompts, too_long, dropped = [], [], 0, 0
+    kept, prompts, too_long, dropped, windowed = [], [], 0, 0, 0
     for r in rows:
         rec = task.test[r]
         if answerer is None:
@@ -87,10 +127,11 @@ def task_prompts(task: TaskData, answerer: BatchedAnswerer | None, *, n: int | N
             too_long += 1
             continue
         dropped += p.meta.get("dropped", 0)
+        windowed += bool(p.meta.get("protein_window"))
         p.meta["row"] = r
         kept.append(r)
         prompts.append(p)
-    return TaskPrompts(task, kept, prompts, too_long, dropped, k)
+    return TaskPrompts(task, kept, prompts, too_long, dropped, k, windowed)
 
 
 def training_prompts(task: TaskData, n: int = 64, seed: int = 0, k: int = 5,

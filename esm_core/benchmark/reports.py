@@ -130,6 +130,7 @@ def task_facts(tp: TaskPrompts) -> dict:
     t = tp.task
     return dict(t.summary(), evaluated=len(tp.prompts), too_long=tp.n_too_long,
                 examples_dropped_to_fit=tp.n_dropped_examples, k=tp.k, mean_examples=tp.mean_examples,
+                windowed=tp.n_windowed, mean_window=tp.mean_window,
                 skipped_rows=t.skipped_rows, load_note=t.load_note(), note=t.note,
                 majority_label=t.majority_label())
 
@@ -142,5 +143,7 @@ def facts_line(facts: dict) -> str:
 
 def _examples(facts: dict) -> str:
     m = facts["mean_examples"]
+    w = facts.get("windowed", 0)
+    win = (f"; proteins of {w} prompt(s) windowed to a mean {facts['mean_window']:.0f} residues" if w else "")
     return (f"{'-' if m != m else f'{m:.2f}'} of k={facts['k']} "
-            f"({facts['examples_dropped_to_fit']} dropped to fit the context)")
+            f"({facts['examples_dropped_to_fit']} dropped to fit the context{win})")

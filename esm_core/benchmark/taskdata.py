@@ -184,29 +184,39 @@ class TaskData:
             return self.selector.select(v["smiles"], v["genes"].split(), k, exclude)
         return self.selector.select((v["smiles"], v["smiles_2"]), v["genes"].split(), k, exclude)
 
-    def _shown(self, modality: str, raw: str) -> str:
-        if modality == "protein" and self.protein_residues:
-            return raw[:self.protein_residues]
+    @property
+    def shows_proteins(self) -> bool:
+        """Whether prompts of this task hold a protein (a field or the shared context)."""
+        return any(f.modality == "protein" for f in self.fields) or any(i.modality == "protein" for _, i in self.context)
+
+    def _shown(self, modality: str, raw: str, residues: int | None = None) -> str:
+        cap = min(x for x in (residues, self.protein_residues) if x) if (residues or self.protein_residues) else None
+        if modality == "protein" and cap:
+            return raw[:cap]
         return raw
 
-    def example(self, record: Record, with_label: bool = True) -> Example:
-        """The record as prompt fields (proteins cut to ``protein_residues`` when set; selection uses them whole)."""
-        return Example([(f.name, Item(f.modality, self._shown(f.modality, record.values[f.key]))) for f in self.fields],
-                       record.label if with_label else None, dict(record.meta))
+    def example(self, record: Record, with_label: bool = True, residues: int | None = None) -> Example:
+        """The record as prompt fields. Proteins are cut to their first ``residues`` (or ``protein_residues``
+        when set; the smaller wins); selection uses them whole."""
+        return Example([(f.name, Item(f.modality, self._shown(f.modality, record.values[f.key], residues)))
+                        for f in self.fields], record.label if with_label else None, dict(record.meta))
 
-    def prompt(self, record: Record, k: int = 5, exclude=None, chosen=None) -> Prompt:
+    def prompt(self, record: Record, k: int = 5, exclude=None, chosen=None, residues: int | None = None) -> Prompt:
         """Few-shot prompt for one query record; ``prompt.meta`` holds the chosen examples and their labels.
 
         ``chosen`` (a list of fewshot.Chosen) skips the selection, e.g. to drop examples that do not fit.
+        ``residues``: show every protein (the examples', the query's, the context's) as its first N residues
+        (``meta['protein_window']``), e.g. so that k examples fit the model's context.
         """
         if chosen is None:
             chosen = self.select(record, k, exclude)
-        examples = [self.example(self.train[c.index]) for c in chosen]
-        p = few_shot_prompt(self.system, self.question, self.labels, examples, self.example(record, False),
-                            answer=record.label,
-                            context=[(n, Item(i.modality, self._shown(i.modality, i.raw))) for n, i in self.context] or None)
+        examples = [self.example(self.train[c.index], residues=residues) for c in chosen]
+        p = few_shot_prompt(self.system, self.question, self.labels, examples,
+                            self.example(record, False, residues=residues), answer=record.label,
+                            context=[(n, Item(i.modality, self._shown(i.modality, i.raw, residues)))
+                                     for n, i in self.context] or None)
         p.meta.update(task=self.name, chosen=list(chosen), example_labels=[e.label for e in examples],
-                      query=dict(record.meta))
+                      query=dict(record.meta), protein_window=residues)
         return p
 
     def record_from(self, values: dict[str, str], label: str | None = None) -> Record:
