@@ -23,7 +23,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -62,29 +61,56 @@ def start_server(env: dict, log_path: Path, timeout: float = 120.0) -> tuple[sub
     raise RuntimeError(f"streamlit did not start within {timeout:.0f} s; see {log_path}")
 
 
-class HealthPoller(threading.Thread):
-    """Polls /_stcore/health every 0.2 s and keeps the slowest answer (a failure counts as the timeout)."""
+def _poll_health(url: str, timeout: float, halt, worst, n, failures) -> None:
+    while not halt.wait(0.2):
+        t0 = time.monotonic()
+        try:
+            ok = urllib.request.urlopen(url, timeout=timeout).status == 200
+        except OSError:
+            ok = False
+        dt = time.monotonic() - t0 if ok else timeout
+        with worst.get_lock():
+            worst.value = max(worst.value, dt)
+            n.value += 1
+            failures.value += not ok
+
+
+class HealthPoller:
+    """Polls /_stcore/health every 0.2 s from its own process (the room's browsers are driven from this
+    process's event loop, which must not delay the poll) and keeps the slowest answer (a failure counts as
+    the timeout)."""
 
     def __init__(self, url: str, timeout: float = 5.0):
-        super().__init__(daemon=True)
-        self.url, self.timeout = url + "/_stcore/health", timeout
-        self.worst, self.n, self.failures = 0.0, 0, 0
-        self._halt = threading.Event()
+        import multiprocessing as mp
 
-    def run(self) -> None:
-        while not self._halt.wait(0.2):
-            t0 = time.monotonic()
-            try:
-                ok = urllib.request.urlopen(self.url, timeout=self.timeout).status == 200
-            except OSError:
-                ok = False
-            dt = time.monotonic() - t0 if ok else self.timeout
-            self.failures += not ok
-            self.worst, self.n = max(self.worst, dt), self.n + 1
+        ctx = mp.get_context("spawn")
+        self._halt = ctx.Event()
+        self._worst, self._n, self._failures = ctx.Value("d", 0.0), ctx.Value("i", 0), ctx.Value("i", 0)
+        self._proc = ctx.Process(target=_poll_health, args=(url + "/_stcore/health", timeout, self._halt,
+                                                            self._worst, self._n, self._failures), daemon=True)
+
+    def start(self) -> None:
+        self._proc.start()
 
     def stop(self) -> None:
         self._halt.set()
-        self.join(10)
+        self._proc.join(10)
+
+    worst = property(lambda self: self._worst.value)
+    n = property(lambda self: self._n.value)
+    failures = property(lambda self: self._failures.value)
+
+
+def client_browser(nice: int, where: Path) -> str:
+    """The chromium the room's sessions run: at ``nice`` > 0 a wrapper that starts it at a lower CPU priority.
+    In a workshop every attendee's browser runs on their own machine; here all N run on the server's 2 cores,
+    and at equal priority they take the cores from the server under test."""
+    if nice <= 0:
+        return CHROMIUM
+    w = where / "chromium_nice.sh"
+    w.write_text(f"#!/bin/sh\nexec nice -n {int(nice)} {CHROMIUM} \"$@\"\n")
+    w.chmod(0o755)
+    return str(w)
 
 
 def selections(n: int) -> list[str | None]:
@@ -153,11 +179,12 @@ async def _session(i: int, browser, url: str, rows: str | None, mol: str, timeou
     return rec
 
 
-async def _room(url: str, rows: list[str | None], mol: str, timeout_ms: int, shots: Path | None) -> list[dict]:
+async def _room(url: str, rows: list[str | None], mol: str, timeout_ms: int, shots: Path | None,
+                browser_path: str = CHROMIUM) -> list[dict]:
     from playwright.async_api import async_playwright
 
     async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        browser = await p.chromium.launch(executable_path=browser_path, args=FLAGS)
         try:
             return list(await asyncio.gather(*[_session(i, browser, url, r, mol, timeout_ms, shots)
                                                for i, r in enumerate(rows)]))
@@ -166,7 +193,7 @@ async def _room(url: str, rows: list[str | None], mol: str, timeout_ms: int, sho
 
 
 def run_workshop(n: int, *, spec_path: Path | None = None, env: dict | None = None, log_dir: Path | None = None,
-                 timeout_s: float = 900.0) -> dict:
+                 timeout_s: float = 900.0, client_nice: int = 10) -> dict:
     """N sessions at once on one fresh server; returns per-session records and the room's figures."""
     from esm_core.runspec import load_run_spec
     from esm_core.zoo.load import demo_spec
@@ -184,7 +211,7 @@ def run_workshop(n: int, *, spec_path: Path | None = None, env: dict | None = No
     health.start()
     t0 = time.monotonic()
     try:
-        recs = asyncio.run(_room(url, rows, mol, int(timeout_s * 1000), log_dir))
+        recs = asyncio.run(_room(url, rows, mol, int(timeout_s * 1000), log_dir, client_browser(client_nice, log_dir)))
     finally:
         health.stop()
         proc.terminate()
@@ -203,7 +230,8 @@ def run_workshop(n: int, *, spec_path: Path | None = None, env: dict | None = No
         r.pop("done_at", None)
     return {"sessions": recs, "wall_s": wall, "default_lag_after_first_s": lags,
             "health_worst_s": health.worst, "health_polls": health.n, "health_failures": health.failures,
-            "errors": sum(len(r["errors"]) for r in recs), "all_equal": all(r["equal_to_solo"] for r in recs)}
+            "errors": sum(len(r["errors"]) for r in recs), "all_equal": all(r["equal_to_solo"] for r in recs),
+            "client_nice": client_nice}
 
 
 def main() -> int:
@@ -211,9 +239,11 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--out", default=None, help="also write the figures as JSON here")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds a session may wait for one step")
+    ap.add_argument("--client-nice", type=int, default=10,
+                    help="run the browsers at this nice level (0: same priority as the server); see client_browser")
     args = ap.parse_args()
-    res = run_workshop(args.sessions, timeout_s=args.timeout)
-    print(f"{args.sessions} sessions, {res['wall_s']:.0f} s wall")
+    res = run_workshop(args.sessions, timeout_s=args.timeout, client_nice=args.client_nice)
+    print(f"{args.sessions} sessions, {res['wall_s']:.0f} s wall, browsers at nice {args.client_nice}")
     print("session  selection                 wait_s  how       digest            solo equal  errors  lesson")
     for r in res["sessions"]:
         print(f"{r['session']:>7}  {r['selection']:<24} {r.get('wait_s', float('nan')):7.1f}  {r.get('how', '-'):<8}  "
