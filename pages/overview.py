@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from esm_core.coefficients import mean_lambda_per_layer
+from esm_core.paths import ZOO_DIR
 from ui import figures, state
 from ui.roots import ROOT
 from ui.widgets import guard, preset_badge, run_button, show_figure
@@ -24,6 +25,14 @@ st.image(str(Path(ROOT) / "assets" / "method.svg"), width="stretch")
 with guard():
     sp = state.spec()
     m = state.method()
+    if Path(sp.base).resolve().parent == ZOO_DIR.resolve():
+        st.info(
+            "**This is the demo zoo**: an 8-block LLaMA with a BPE tokenizer, pretrained on CPU to answer few-shot "
+            "questions from their examples, and three LoRA specialists that each learned a dozen yes/no facts "
+            "about molecules, proteins or cells, so that every step of ES-Merging runs live in seconds and "
+            "cross-modal questions (Query page) show what a merge keeps. It is a teaching miniature, not a "
+            "biology model: its benchmark answers measure the method's mechanics, not drug discovery; load your "
+            "own base and specialists for that (README, “Run on the paper's specialists”).")
     samples = state.samples()
     c1, c2 = st.columns(2)
     with c1:

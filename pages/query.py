@@ -1,8 +1,9 @@
 """Query: ask the base, each specialist and the merged models the same few-shot question, side by side.
 
-Three sources of questions: the demo zoo's held-out skill questions, the benchmark tasks of docs/METHOD.md
-section 7 (examples chosen by the paper's similarity rules, shown with their scores), or a prompt you
-write. Answers come by label likelihood (probabilities of each label) and by generation parsed after
+Four sources of questions: the demo zoo's held-out skill questions, its cross-modal questions (one fact
+of each of two modalities combined by a rule: what no single specialist can answer, with the "oracle" that
+combines the two right specialists' own answers), the benchmark tasks of docs/METHOD.md section 7 (examples
+chosen by the paper's similarity rules, shown with their scores), or a prompt you write. Answers come by label likelihood (probabilities of each label) and by generation parsed after
 "Final answer:" (esm_core.evaluate)."""
 
 from __future__ import annotations
@@ -36,12 +37,31 @@ def _show_prompt(p) -> None:
         st.code(p.text(), language=None)
 
 
+def _oracle_row(answerer, cs, prompt) -> dict:
+    """The two right specialists each answer their own single-fact question on the same query; the rule
+    combines their answers (esm_core.zoo.composite.score_composites' oracle, for one question)."""
+    from esm_core.zoo.composite import fact_prompts
+    from esm_core.zoo.generic import rule_value
+
+    j = cs.prompts.index(prompt)
+    pa, pb = fact_prompts(cs)
+    said = []
+    for skill, fp in ((cs.a, pa[j]), (cs.b, pb[j])):
+        r = answer_side_by_side(answerer, fp, {skill.modality: skill.modality}, generate=False)[0]
+        said.append(r["answer_likelihood"] == skill.labels[0])
+    ans = "Yes" if rule_value(cs.rule, *said) else "No"
+    return {"prompt": 0, "model": (f"oracle ({cs.a.modality} says {'yes' if said[0] else 'no'}, "
+                                   f"{cs.b.modality} says {'yes' if said[1] else 'no'})"),
+            "answer_likelihood": ans, "gold": prompt.answer}
+
+
 with guard():
     ws = state.workspace()
     answerer = caches.answerer(state.spec_key(state.spec()), ws)
     prompt = None
-    source = st.radio("question from", ["Demo zoo skills", "Benchmark tasks", "Write a prompt"], horizontal=True,
-                      key="q_source")
+    composite = None
+    source = st.radio("question from", ["Demo zoo skills", "Cross-modal questions", "Benchmark tasks", "Write a prompt"],
+                      horizontal=True, key="q_source")
 
     if source == "Demo zoo skills":
         try:
@@ -59,6 +79,27 @@ with guard():
             st.caption(f"Held-out question with {sum(1 for s in prompt.segments if isinstance(s, str) and 'Example' in s)} "
                        f"in-context examples from the training pool · gold answer: **{prompt.answer}** · "
                        f"label source: {ss.skill.source}")
+
+    elif source == "Cross-modal questions":
+        try:
+            csets = caches.composite_sets()
+        except ESMError as e:
+            st.warning(f"No cross-modal questions here: {e.reason}")
+            csets = {}
+        if csets:
+            cname = st.selectbox("question set", list(csets), key="q_comp",
+                                 format_func=lambda n: f"{csets[n].pair}: {n}")
+            composite = csets[cname]
+            i = int(st.number_input(f"question (0..{len(composite.prompts) - 1})", 0, len(composite.prompts) - 1, 0,
+                                    key="q_comp_i"))
+            prompt = composite.prompts[i]
+            fa, fb = prompt.meta["facts"]
+            st.markdown(
+                f"Gold answer: **{prompt.answer}** = ({composite.a.name}: **{'yes' if fa else 'no'}**) "
+                f"**{composite.rule}** ({composite.b.name}: **{'yes' if fb else 'no'}**)  \n"
+                f"The facts it combines: {composite.a.modality} · {composite.a.question} ({composite.a.source}); "
+                f"{composite.b.modality} · {composite.b.question} ({composite.b.source}). Each specialist learned "
+                "only its own modality's facts; the base learned the form of such questions on generic facts.")
 
     elif source == "Benchmark tasks":
 
@@ -129,6 +170,8 @@ with guard():
             with st.spinner("Answering ..."), merges.merged_adapters(merged) as adapters:
                 rows = answer_side_by_side(answerer, prompt, {m: adapters.get(m, None if m == "base" else m)
                                                               for m in models}, generate=gen)
+            if composite is not None and all(s in ws.sset.names for s in (composite.a.modality, composite.b.modality)):
+                rows.append(_oracle_row(answerer, composite, prompt))
             current().answers = (prompt.text(), rows)
         ans = current().answers
         if ans is not None and ans[0] == prompt.text():

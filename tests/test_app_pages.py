@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT
 from streamlit.testing.v1 import AppTest
+
+from esm_core.zoo.generic import rule_value
 
 
 def _ok(at):
@@ -191,6 +194,35 @@ def test_query_page_answers_side_by_side(app_env):
     p = df[["p(Yes)", "p(No)"]].to_numpy()
     assert np.allclose(p.sum(1), 1.0, atol=1e-5)
     assert (df["answer_likelihood"] == np.where(p[:, 0] >= p[:, 1], "Yes", "No")).all()
+
+
+def test_query_page_cross_modal_questions_with_gold_facts_and_oracle(app_env):
+    from esm_core.zoo.composite import composite_sets
+    from esm_core.zoo.data import load_demo
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
+    at.run()
+    at.switch_page("pages/query.py").run()
+    at.radio(key="q_source").set_value("Cross-modal questions").run()
+    _ok(at)
+    name = at.selectbox(key="q_comp").options[0]
+    sets = composite_sets(load_demo())
+    cs = next(c for c in sets.values() if name.endswith(c.name))
+    at.number_input(key="q_comp_i").set_value(3).run()
+    p = cs.prompts[3]
+    gold = next(m.value for m in at.markdown if m.value.startswith("Gold answer"))
+    assert f"**{p.answer}**" in gold and cs.a.name in gold and cs.b.name in gold and cs.rule in gold
+    at.toggle(key="q_gen").set_value(False).run()
+    at.button(key="q_go").click().run()
+    _ok(at)
+    df = next(d.value for d in at.dataframe if "answer_likelihood" in d.value.columns)
+    names = [s.name for s in at.session_state["esm"].spec.specialists]
+    assert list(df["model"])[:1 + len(names)] == ["base", *names]
+    assert (df["gold"] == p.answer).all()
+    if {cs.a.modality, cs.b.modality} <= set(names):  # the zoo: specialists named by their modality
+        oracle = df[df["model"].str.startswith("oracle")].iloc[0]
+        said = [w == "yes" for w in re.findall(r"says (yes|no)", oracle["model"])]
+        assert oracle["answer_likelihood"] == ("Yes" if rule_value(cs.rule, *said) else "No")
 
 
 def test_layer_page_error_bars_and_the_element_page_stable_mask(app_env):

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from esm_core.paths import DEMO_DIR, ZOO_DIR
+from esm_core.zoo.build import BuildConfig
 
 MODS = ("molecule", "protein", "cell")
 
@@ -88,7 +89,10 @@ def test_run_yaml_describes_the_zoo(zoo):
     for m in spec.modalities:
         assert len(validate(raw[m.name], m.kind).values) >= 330, m.name
         assert m.data.path.startswith(str(DEMO_DIR.resolve()))
-    assert sset.num_layers == 4 and sset.hidden_size == 128
+    cfg = BuildConfig()  # the committed zoo is the builder's defaults
+    assert (sset.num_layers, sset.hidden_size) == (cfg.layers, cfg.hidden) and sset.num_layers >= 8
+    assert sset.lm.config.max_position_embeddings >= 2048
+    assert spec.method.batch_size == cfg.probe_batch
 
 
 @pytest.fixture(scope="session")

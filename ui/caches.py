@@ -99,6 +99,16 @@ def skill_sets():
     return load_skill_sets()
 
 
+@st.cache_resource(show_spinner=False)
+def composite_sets():
+    """The demo zoo's held-out cross-modal composite questions (esm_core/zoo/composite.py)."""
+    from esm_core.paths import DEMO_DIR
+    from esm_core.zoo.composite import composite_sets as build
+    from esm_core.zoo.data import load_demo
+
+    return build(load_demo(DEMO_DIR))
+
+
 @st.cache_data(show_spinner=False, max_entries=32)
 def sample_properties(kind: str, raws: tuple) -> pd.DataFrame:
     """Properties of probe samples for the maps' colours (esm_core/analysis/properties.py)."""

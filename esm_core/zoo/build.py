@@ -44,7 +44,17 @@ from esm_core.io import Input, package_versions, reserve_output
 from esm_core.models import prepare_transformers
 from esm_core.paths import DEMO_DIR
 from esm_core.zoo import data as zdata
-from esm_core.zoo.generic import GENERIC_TASKS, SYSTEMS, generic_sentence
+from esm_core.zoo.composite import CONDITION
+from esm_core.zoo.composite import PAIRS as COMPOSITE_PAIRS
+from esm_core.zoo.generic import (
+    GENERIC_TASKS,
+    RULES,
+    SYSTEMS,
+    composite_question,
+    generic_composite,
+    generic_sentence,
+    icl_prompt_fields,
+)
 from esm_core.zoo.load import load_zoo
 from esm_core.zoo.report import skills_markdown
 from esm_core.zoo.scoring import measure_skills
@@ -55,6 +65,7 @@ from esm_core.zoo.skills import (
     demo_pools,
     heldout_skill_sets,
     sample_question,
+    raw_of,
     shown_text,
     skills_of,
 )
@@ -73,15 +84,22 @@ class BuildConfig:
     vocab_size: int = 8192
     tokenizer_docs: int = 20000
     # base model
-    hidden: int = 128
-    layers: int = 4
+    # 8 blocks (the layer signal needs depth to show where each specialist works), 64 wide: on this 2-core
+    # machine the estimation's cost is mostly per-block overhead, and 8 x 64 keeps the default estimation
+    # within 15 s (bench/bench_zoo_estimate.py; 8 x 96 took 20 s, 8 x 128 more)
+    hidden: int = 64
+    layers: int = 8
     heads: int = 4
-    intermediate: int = 384
-    max_positions: int = 1024
-    base_steps: int = 450
+    intermediate: int = 192
+    # room for k = 5 examples with windowed proteins (esm_core.benchmark.harness.fit_prompt)
+    max_positions: int = 2048
+    base_steps: int = 550
     base_batch: int = 32
     base_lr: float = 3e-3
     base_lm_frac: float = 0.3
+    # shares of the base's pretraining documents (base_document); the rest is generic sentences
+    base_mix: dict = field(default_factory=lambda: {"generic": 0.3, "icl": 0.25, "composite": 0.15, "raw": 0.12,
+                                                    "joint": 0.08})
     # untied input/output embeddings, as LLaMA-3.1-8B has them. Tied, the next-residue LM loss (nearly
     # uniform over the 20 amino acids) pulled the residue tokens' shared vectors together (mean cosine
     # 0.87), and no protein question could be learned from them (answer loss flat at ln 2).
@@ -89,7 +107,7 @@ class BuildConfig:
     # specialists
     lora_r: int = 8
     lora_alpha: int = 16
-    spec_steps: dict = field(default_factory=lambda: {"molecule": 1500, "protein": 1500, "cell": 800})
+    spec_steps: dict = field(default_factory=lambda: {"molecule": 1100, "protein": 1200, "cell": 600})
     spec_batch: int = 16
     spec_lr: float = 2e-3  # 5e-3 diverged to a constant answer in pilot runs, 1e-3 learned slowly
     encoder_lr: float = 1e-3
@@ -118,6 +136,9 @@ class BuildConfig:
     eval_methods: tuple = ("likelihood", "generation")
     # probe caps written into run.yaml
     probe_max_tokens: dict = field(default_factory=lambda: {"protein": 40, "cell": 50})
+    # probes per forward/backward batch written into run.yaml (a pass setting: same coefficients up to
+    # round-off; 64 instead of 16 took the estimation from 31 s to 20 s at 8 x 96)
+    probe_batch: int = 64
     use_public: bool = True
     max_pool: int | None = None  # keep at most this many training rows per modality (miniature builds)
     threads: int = 2
@@ -196,15 +217,53 @@ def _raw_segments(rng: random.Random, pools, joint: bool) -> list:
     return [PREFIX[m], Item(m, raw(m))]
 
 
-def base_document(rng: random.Random, pools) -> tuple[list, str | None]:
-    """(segments, answer text or None) of one pretraining document."""
+def _as_prompt(rng: random.Random, pools, question, labels, examples, query, answer) -> tuple[list, str]:
+    """Segments of a generic few-shot prompt; Protein / Cell fields become modality items, and the query may
+    get distractor fields as in _generic_prompt."""
+    item = lambda name, v: Item(name.lower(), v) if name in ("Protein", "Cell") else v  # noqa: E731
+    exs = [Example([(n, item(n, v)) for n, v in f], lab) for f, lab in examples]
+    fields = [(n, item(n, v)) for n, v in query]
+    if rng.random() < 0.3:
+        m = rng.choice(MODALITIES)
+        fields.insert(rng.randint(0, len(fields)), (PREFIX[m][:-2], Item(m, raw_of(m, rng.choice(pools.rows[m])))))
+    p = few_shot_prompt(rng.choice(SYSTEMS), question, list(labels), exs, Example(fields))
+    return p.segments, answer
+
+
+def _icl_rows(pools) -> dict:
+    if "_icl" not in pools._index:
+        pools._index["_icl"] = {"protein": [r["sequence"] for r in pools.rows["protein"]],
+                                "cell": [r["genes"] for r in pools.rows["cell"]]}
+    return pools._index["_icl"]
+
+
+def base_document(rng: random.Random, pools, cfg: "BuildConfig | None" = None) -> tuple[list, str | None]:
+    """(segments, answer text or None) of one pretraining document.
+
+    Shares (``BuildConfig.base_mix``): generic few-shot questions, in-context tasks (the answer only follows
+    from the examples), two-fact composite questions on generic facts, raw modality strings alone and in the
+    probe layout, generic sentences. No biological question is ever asked of the base.
+    """
+    mix = (cfg or BuildConfig()).base_mix
     u = rng.random()
-    if u < 0.5:
+    edges = []
+    acc = 0.0
+    for name in ("generic", "icl", "composite", "raw", "joint"):
+        acc += mix.get(name, 0.0)
+        edges.append((acc, name))
+    kind = next((n for e, n in edges if u < e), "text")
+    if kind == "generic":
         segs, lab = _generic_prompt(rng, pools)
         return segs, f" {lab}\n"
-    if u < 0.7:
+    if kind == "icl":
+        segs, lab = _as_prompt(rng, pools, *icl_prompt_fields(rng, _icl_rows(pools)))
+        return segs, f" {lab}\n"
+    if kind == "composite":
+        segs, lab = _as_prompt(rng, pools, *generic_composite(rng))
+        return segs, f" {lab}\n"
+    if kind == "raw":
         return _raw_segments(rng, pools, joint=False), None
-    if u < 0.82:
+    if kind == "joint":
         return _raw_segments(rng, pools, joint=True), None
     return ["\n".join(generic_sentence(rng) for _ in range(rng.randint(2, 8)))], None
 
@@ -217,7 +276,7 @@ def tokenizer_corpus(pools, cfg: BuildConfig) -> list[str]:
     rng = random.Random(f"{cfg.seed}:tokenizer")
     lines = []
     for _ in range(cfg.tokenizer_docs):
-        segs, ans = base_document(rng, pools)
+        segs, ans = base_document(rng, pools, cfg)
         lines.append(_segments_text(segs) + (ans or ""))
     # every sample of the pools once (genes, SMILES, sequences), with its field name
     for m in MODALITIES:
@@ -230,6 +289,10 @@ def tokenizer_corpus(pools, cfg: BuildConfig) -> list[str]:
             for _ in range(3):
                 p = sample_question(s, pools, rng, k=1)
                 lines.append(_segments_text(p.segments) + f" {p.answer}\n")
+    # the composite questions' text (esm_core.zoo.composite), asked of merged models
+    for (an, bn) in COMPOSITE_PAIRS:
+        for rule in RULES:
+            lines.append(composite_question(rule, CONDITION[an], CONDITION[bn]))
     if cfg.tokenizer_docs < 1000:  # miniature: keep it small
         rng.shuffle(lines)
         lines = lines[: cfg.tokenizer_docs * 3]
@@ -259,7 +322,7 @@ def build_base(out: Path, pools, cfg: BuildConfig, progress=True, log=print) -> 
     toks = Tokens(tok)
 
     def sample_fn(rng):
-        segs, ans = base_document(rng, pools)
+        segs, ans = base_document(rng, pools, cfg)
         return sample_from_segments(toks, segs, ans, eos=ans is None)
 
     t1 = time.perf_counter()
@@ -436,7 +499,7 @@ def write_run_yaml(out: Path, demo_dir: Path, cfg: BuildConfig, final_dir: Path 
             {"name": "cell", "prefix": PREFIX["cell"], "kind": "genes", "max_tokens": cfg.probe_max_tokens["cell"],
              "encoder": {"type": "text"}, "data": {"path": rel(demo_dir / "cells_heldout.csv"), "column": "genes"}},
         ],
-        "method": {"preset": "reference"},
+        "method": {"preset": "reference", "batch_size": cfg.probe_batch},
     }
     head = ("# The demo zoo as an ES-Merging run (written by `python -m esm_core zoo build`).\n"
             "# Paths are relative to this file. Probe samples: the held-out demo CSVs (assets/demo).\n")

@@ -167,3 +167,133 @@ def generic_sentence(rng: random.Random) -> str:
         lambda: f"Bring the {w()}, the {w()} and the {w()} to the {w()}.",
     ]
     return rng.choice(forms)()
+
+
+# ------------------------------------------------------------------------------------ in-context learning
+# Tasks whose answer can only be inferred from the in-context examples, so that the base learns to use
+# them as an instruct LLM does: a made-up property (no question wording tells the answer) and items that
+# come in two clusters, one per label; the query is a variant of one cluster's prototype. The items are
+# generic (word lists, digit codes) or raw modality strings with RANDOM labels: the base learns to match
+# a query to its examples, never a biological fact.
+MADE_UP = ("blicket", "dax", "wug", "fep", "zorb", "toma", "kiki", "glorp", "snib", "vonk", "plim", "tarp")
+ICL_QUESTIONS = (
+    "Is the query a {w}?",
+    "Does the query belong to the {w} group?",
+    "Would a {w} accept the query?",
+    "Is the query {w}-like?",
+    "Does the query match the {w} pattern?",
+)
+ICL_LABELS = (("Yes", "No"),) * 6 + (("A", "B"), ("Left", "Right"), ("Sensitive", "Resistant"),
+                                     ("Active", "Inactive"))
+RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def _perturb(items: list[str], rng: random.Random, alphabet: list[str], share: float) -> list[str]:
+    out = list(items)
+    for _ in range(max(1, round(share * len(out)))):
+        out[rng.randrange(len(out))] = rng.choice(alphabet)
+    return out
+
+
+def icl_item_maker(rng: random.Random, rows: dict[str, list[str]] | None = None):
+    """(field name, prototype sampler, variant maker) of one kind of item."""
+    kinds = ["words", "digits"] + (["protein", "cell"] if rows else [])
+    kind = rng.choice(kinds)
+    if kind == "words":
+        return "List", lambda: rng.sample(WORDS, rng.randint(4, 9)), (lambda x: _perturb(x, rng, list(WORDS), 0.25)), " "
+    if kind == "digits":
+        return "Code", lambda: [str(rng.randint(0, 9)) for _ in range(rng.randint(5, 10))], \
+            (lambda x: _perturb(x, rng, list("0123456789"), 0.2)), " "
+    if kind == "protein":
+        def proto():
+            s = rng.choice(rows["protein"])
+            a = rng.randrange(max(1, len(s) - 40))
+            return list(s[a:a + rng.randint(24, 60)])
+        return "Protein", proto, (lambda x: _perturb(x, rng, list(RESIDUES), 0.12)), ""
+    genes = [g for r in rows["cell"][:200] for g in r.split()]
+
+    def proto_c():
+        g = rng.choice(rows["cell"]).split()
+        return g[: rng.randint(12, 30)]
+    return "Cell", proto_c, (lambda x: _perturb(x, rng, genes, 0.15)), " "
+
+
+def icl_prompt_fields(rng: random.Random, rows: dict[str, list[str]] | None = None, k: int | None = None):
+    """(question, labels, [(fields, label)] examples, query fields, answer) of one in-context task."""
+    name, proto, variant, sep = icl_item_maker(rng, rows)
+    labels = rng.choice(ICL_LABELS)
+    if rng.random() < 0.5:
+        labels = labels[::-1]
+    protos = [proto(), proto()]  # one prototype per label, told apart: at most a third of positions shared
+    for _ in range(50):
+        if sum(a == b for a, b in zip(*protos)) <= min(map(len, protos)) / 3:
+            break
+        protos[1] = proto()
+    k = rng.randint(1, 6) if k is None else k
+    which = [rng.randrange(2) for _ in range(k)]
+    if k >= 2 and len(set(which)) == 1 and rng.random() < 0.7:
+        which[rng.randrange(k)] = 1 - which[0]  # usually both clusters are shown
+    examples = [([(name, sep.join(variant(protos[w])))], labels[w]) for w in which]
+    q = rng.choice(which) if rng.random() < 0.85 else rng.randrange(2)
+    query = [(name, sep.join(variant(protos[q])))]
+    question = rng.choice(ICL_QUESTIONS).format(w=rng.choice(MADE_UP))
+    return question, list(labels), examples, query, labels[q]
+
+
+# ------------------------------------------------------------------------------------ composite questions
+# Conditions stated as clauses, for questions that combine two facts ("Is it true that A and B?"). The
+# base learns the FORM of such questions on these generic facts; esm_core.zoo.composite asks the same
+# forms about two modalities' facts (the merge's test).
+CONDITIONS = {
+    "even": "the number is even",
+    "greater": "A is greater than B",
+    "long_word": "the word has more than six letters",
+    "animal": "the item is an animal",
+    "sentiment": "the review is positive",
+    "contains": "the list contains the word {p}",
+    "count": "the letter {p} appears at least three times",
+    "sum": "the sum of the values is positive",
+    "color": "the thing in the sentence is {p}",
+}
+RULES = ("and", "or", "xor")
+
+
+def rule_value(rule: str, a: bool, b: bool) -> bool:
+    return {"and": a and b, "or": a or b, "xor": a != b}[rule]
+
+
+def composite_question(rule: str, a: str, b: str) -> str:
+    if rule == "and":
+        return f"Is it true that {a} and {b}?"
+    if rule == "or":
+        return f"Is it true that {a} or {b} (or both)?"
+    return f"Is exactly one of these true: {a}; {b}?"
+
+
+def balanced_facts(rule: str, want: bool, rng: random.Random) -> tuple[bool, bool]:
+    """Two facts giving the wanted answer under the rule, each combination that gives it equally likely."""
+    combos = [(a, b) for a in (True, False) for b in (True, False) if rule_value(rule, a, b) == want]
+    return rng.choice(combos)
+
+
+def generic_composite(rng: random.Random):
+    """(question, labels, [(fields, label)] examples, query fields, answer) of a two-fact generic question."""
+    names = rng.sample(sorted(CONDITIONS), 2)
+    tasks = {t.name: t for t in GENERIC_TASKS}
+    t1, t2 = tasks[names[0]], tasks[names[1]]
+    p1 = t1.param(rng) if t1.param else None
+    p2 = t2.param(rng) if t2.param else None
+    rule = rng.choice(RULES)
+    q = composite_question(rule, CONDITIONS[t1.name].format(p=p1), CONDITIONS[t2.name].format(p=p2))
+
+    def one(want: bool):
+        a, b = balanced_facts(rule, want, rng)
+        f1 = t1.make(rng, a, p1)
+        f2 = t2.make(rng, b, p2)
+        if f1[0][0] == f2[0][0]:  # both "List": tell them apart
+            f2 = [(f"{n} 2", v) for n, v in f2]
+        return f1 + f2, ("Yes" if want else "No")
+
+    exs = [one(rng.random() < 0.5) for _ in range(rng.choice((0, 0, 1, 2)))]
+    fields, ans = one(rng.random() < 0.5)
+    return q, ["Yes", "No"], exs, fields, ans

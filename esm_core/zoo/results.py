@@ -28,6 +28,9 @@ from esm_core.paths import ZOO_DIR
 from esm_core.pipeline import Workspace, estimate
 from esm_core.zoo.load import demo_spec, load_skill_sets, load_zoo
 from esm_core.zoo.report import own_other_table
+from esm_core.zoo.composite import PAIRS, CompositeReport, composite_sets, score_composites
+from esm_core.zoo.data import load_demo
+from esm_core.zoo.generic import RULES
 from esm_core.zoo.scoring import SkillReport, _render, measure_skills
 from esm_core.zoo.skills import MODALITIES
 
@@ -36,7 +39,7 @@ MODES = ("combined", "layer", "element")
 
 
 def merged_models(ws, *, presets=PRESETS, modes=MODES, progress=None) -> tuple[list[str], dict]:
-    """Add ES (presets x modes) and average merges to ws.sset as extra adapters; returns names and info."""
+    """Add ES (presets x modes), average and TIES merges to ws.sset as extra adapters; returns names and info."""
 
     sset = ws.sset
     template = sset.adapters[sset.names[0]]
@@ -59,10 +62,11 @@ def merged_models(ws, *, presets=PRESETS, modes=MODES, progress=None) -> tuple[l
             names.append(name)
         if progress:
             progress(f"merged with preset {preset}", 0.5)
-    ctx = MergeContext.from_specialists(sset, workspace=ws, seed=ws.spec.method.seed, config=ws.spec.method)
-    out = get_method("average").run(ctx, {})
-    sset.add_adapter("average", out.tensors, out.adapter_config(template, sset.base_path, ctx.folded))
-    names.append("average")
+    for base_method in ("average", "ties"):
+        ctx = MergeContext.from_specialists(sset, workspace=ws, seed=ws.spec.method.seed, config=ws.spec.method)
+        out = get_method(base_method).run(ctx, {})
+        sset.add_adapter(base_method, out.tensors, out.adapter_config(template, sset.base_path, ctx.folded))
+        names.append(base_method)
     return names, info
 
 
@@ -104,7 +108,26 @@ def retention_table(rep: SkillReport, merged: list[str], how: str = "likelihood"
     return _render(hdr, lines, fmt)
 
 
-def results_markdown(rep: SkillReport, merged: list[str], info: dict, *, k: int, per_label: int) -> str:
+def composite_markdown(crep: CompositeReport, per_label: int) -> list[str]:
+    n = sum(r["n"] for r in crep.rows if r["model"] == "base")
+    return [
+        "## Cross-modal questions (the zoo's Table 1)",
+        "",
+        f"{n} held-out questions that combine one fact of each of two modalities by a rule "
+        f"({', '.join(RULES)}; esm_core/zoo/composite.py): {len(PAIRS)} skill pairs x {len(RULES)} rules x "
+        f"{per_label} questions per label, no in-context examples, the query holding a molecule, a protein and a "
+        "cell. The base learned the form of such questions on generic facts only; each specialist learned only "
+        "its own modality's facts. *oracle* = the two right specialists each answer their own single-fact "
+        "question on the same query, and the rule combines the two answers. Accuracy in % by label likelihood; "
+        "labels are balanced, so chance is 50 (under `xor` each fact alone says nothing about the label).",
+        "",
+        crep.table("markdown"),
+        "",
+    ]
+
+
+def results_markdown(rep: SkillReport, merged: list[str], info: dict, *, k: int, per_label: int,
+                     crep: CompositeReport | None = None, composite_per_label: int = 10) -> str:
     est = info["estimation"]
     n_q = sum(r["n"] for r in rep.rows if r["model"] == "base")
     out = [
@@ -113,7 +136,7 @@ def results_markdown(rep: SkillReport, merged: list[str], info: dict, *, k: int,
         "Produced by `python -m esm_core zoo results` (esm_core/zoo/results.py) on the committed zoo;",
         "numbers as measured. Models: the base, the three specialists, ES-Merging with both presets",
         "(`reference`, `paper`) in each mode (`combined` = Eq. 4, `layer` = alpha only, `element` =",
-        "beta only) and the plain average of the LoRA factors. Every merged adapter is loaded next to the",
+        "beta only), the plain average and TIES of the LoRA factors. Every merged adapter is loaded next to the",
         "specialists on the one base copy; each modality keeps its own encoder (the molecule soft-token",
         "encoder).",
         "",
@@ -134,6 +157,7 @@ def results_markdown(rep: SkillReport, merged: list[str], info: dict, *, k: int,
         "",
         own_other_table(rep, "likelihood", "markdown"),
         "",
+        *(composite_markdown(crep, composite_per_label) if crep is not None else []),
         "## ES estimation",
         "",
     ]
@@ -158,21 +182,30 @@ def results_markdown(rep: SkillReport, merged: list[str], info: dict, *, k: int,
 
 
 def run_results(zoo_dir: str | Path | None = None, out_path: str | Path | None = None, *, k: int = 1,
-                per_label: int = 40, progress=None, overwrite: bool = False) -> tuple[SkillReport, dict, Path]:
+                per_label: int = 40, composite_per_label: int = 10, progress=None,
+                overwrite: bool = False) -> tuple[SkillReport, dict, Path]:
     """Estimate, merge, score; write RESULTS.md (default: inside the zoo directory)."""
 
     zoo = Path(zoo_dir) if zoo_dir else ZOO_DIR
     out = Path(out_path) if out_path else zoo / "RESULTS.md"
     inputs = [Input(p, role) for p, role in demo_spec(zoo).input_paths()]
     with reserve_output(out, kind="file", overwrite=overwrite, inputs=inputs, command="zoo results") as target:
-        rep, info, text = _results(zoo, k=k, per_label=per_label, progress=progress)
+        rep, info, text = _results(zoo, k=k, per_label=per_label, composite_per_label=composite_per_label,
+                                   progress=progress)
         return rep, info, target.write_file(text)
 
 
-def _results(zoo: Path, *, k: int, per_label: int, progress):
+def _results(zoo: Path, *, k: int, per_label: int, composite_per_label: int = 10, progress=None):
     spec, sset, encoders = load_zoo(zoo)
     ws = Workspace.from_spec(spec, sset=sset)
     merged, info = merged_models(ws, progress=progress)
     sets = load_skill_sets(k=k, per_label=per_label)
-    rep = measure_skills(sset, ws.encoders, sets, [None, *sset.names, *merged], progress=progress)
-    return rep, info, results_markdown(rep, merged, info, k=k, per_label=per_label)
+    models = [None, *sset.names, *merged]
+    rep = measure_skills(sset, ws.encoders, sets, models, progress=progress)
+    crep = None
+    if composite_per_label:
+        csets = composite_sets(load_demo(), per_label=composite_per_label)
+        crep = score_composites(sset, ws.encoders, csets, models, progress=progress)
+        info["composite"] = {"rows": crep.rows, "seconds": crep.seconds}
+    return rep, info, results_markdown(rep, merged, info, k=k, per_label=per_label, crep=crep,
+                                       composite_per_label=composite_per_label)
