@@ -5,7 +5,7 @@
 # each learns per task from 64 few-shot prompts built from that task's training rows.
 set -euo pipefail
 python -m esm_core compare --config assets/zoo/run.yaml --tasks all --min-test-rows 200 \
-  --n 200 --seed 0 --split-seed 0 --k 5 --n-boot 1000 --protein-residues 80 --threads 1 \
+  --n 200 --seed 0 --split-seed 0 --k 5 --n-boot 1000 --threads 2 \
   --methods all --train-prompts 64 --data-scope task \
   --param adamerging.steps=10 --param finetune.steps=30 \
   --no-progress --out bench/results "$@"

@@ -61,8 +61,9 @@ def _common_args(p) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="Bootstrap resamples for the 95 %% intervals.")
     p.add_argument("--batch-size", type=int, default=16, help="Prompts per forward pass.")
     p.add_argument("--protein-residues", type=int, default=None,
-                   help="Show only the first N residues of each protein in prompts (the demo zoo was trained on "
-                        "300); selection still compares whole sequences. Default: whole sequences.")
+                   help="Show only the first N residues of each protein in prompts (the demo zoo's proteins were "
+                        "80-residue windows); selection still compares whole sequences. Default: whole sequences, "
+                        "windowed only as far as needed for the k examples to fit the model's context.")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     p.add_argument("--min-test-rows", type=int, default=0,
                    help="Skip (with a message) tasks whose test split has fewer rows than this.")

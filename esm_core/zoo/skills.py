@@ -119,8 +119,8 @@ class Skill:
         return None if v is None else self.labels[0 if v else 1]
 
 
-# The skills the zoo trains and measures: each is learnable by a 4-layer, 128-wide LLaMA with a rank-8
-# LoRA in a few CPU minutes (measured while building the zoo).
+# The skills the zoo trains and measures: each is learnable by the zoo's small LLaMA (BuildConfig) with a
+# rank-8 LoRA in a few CPU minutes (measured while building the zoo: SKILLS.md).
 SKILLS: tuple[Skill, ...] = (
     Skill("mol_aromatic", "molecule", "Does the molecule contain an aromatic ring?",
           lambda r: _mf(r["smiles"])["aromatic_rings"] > 0, "RDKit aromatic ring count"),
