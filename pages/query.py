@@ -128,7 +128,9 @@ with guard():
             prompt = q.prompt
             st.markdown(f"**{task.title}** — {task.question}  \nGold answer of test row {row}: **{prompt.answer}**"
                         f" · the prompt holds {len(prompt.meta['chosen'])} of k={k} examples"
-                        f" ({prompt.meta.get('dropped', 0)} dropped to fit the context)")
+                        f" ({prompt.meta.get('dropped', 0)} dropped to fit the context)"
+                        + (f"; every protein shown as its first {prompt.meta['protein_window']} residues so that the "
+                           "examples fit" if prompt.meta.get("protein_window") else ""))
             if q.examples:
                 st.markdown("**Chosen examples** (similarity to the query and why they were chosen)")
                 df = q.table()

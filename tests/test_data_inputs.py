@@ -193,7 +193,8 @@ HUGE = LONG * 4  # longer than the model's context (2048 positions) on its own
 
 
 def _facts_data(ctx: Ctx) -> Path:
-    """human: long proteins (examples must be dropped to fit), one too-long query, skipped rows of each kind."""
+    """human: long proteins (windowed so that the examples fit), one query protein longer than the whole context
+    on its own (windowed too: no prompt is left out), skipped rows of each kind."""
     d = ctx.tmp / "data" / "public" / "dti"
     # distinct inputs, none a test row's (repeats would be removed: loaders.dedupe)
     pool = [(MOLECULES[6 + i % 10], (LONG if i < 10 else "M" + LONG[1:]) if i % 2 else PROTEINS[i % 16], str(i % 2))
@@ -206,18 +207,21 @@ def _facts_data(ctx: Ctx) -> Path:
 
 
 FACTS_LINE = re.compile(r"human: 30 rows read; skipped: 1 invalid SMILES, 1 invalid protein, 1 bad label; "
-                        r"1 prompt\(s\) left out as too long; mean examples per prompt ([\d.]+) of k=3 "
-                        r"\((\d+) dropped to fit the context\)")
+                        r"0 prompt\(s\) left out as too long; mean examples per prompt ([\d.]+) of k=3 "
+                        r"\((\d+) dropped to fit the context; proteins of (\d+) prompt\(s\) windowed to a mean "
+                        r"(\d+) residues\)")
 
 
 def _check_facts(out: str, facts: dict) -> None:
     m = FACTS_LINE.search(out)
     assert m, out
-    mean, dropped = float(m.group(1)), int(m.group(2))
-    assert facts["evaluated"] == 6 and facts["too_long"] == 1 and dropped == facts["examples_dropped_to_fit"] > 0
-    assert mean == pytest.approx((3 * 6 - dropped) / 6, abs=0.005) and mean < 3  # the pool holds k for every query
+    mean, dropped, windowed, window = float(m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(4))
+    # 6 test rows + the HUGE one: every prompt keeps its 3 examples, the long proteins windowed instead
+    assert facts["evaluated"] == 7 and facts["too_long"] == 0 and dropped == facts["examples_dropped_to_fit"] == 0
+    assert mean == 3 and windowed == facts["windowed"] >= 4 and window == round(facts["mean_window"])
+    assert 48 <= window < len(LONG)
     table = out.split("### Task facts", 1)[1]
-    assert "| Human | 30 | 1 invalid SMILES, 1 invalid protein, 1 bad label | 6 | 1 | " in table
+    assert "| Human | 30 | 1 invalid SMILES, 1 invalid protein, 1 bad label | 7 | 0 | " in table
 
 
 def evaluate_console_facts(ctx: Ctx) -> None:
@@ -267,7 +271,9 @@ def query_page_facts(ctx: Ctx) -> None:
     held, dropped = map(int, re.search(r"the prompt holds (\d+) of k=5 examples \((\d+) dropped to fit the "
                                        r"context\)", text).groups())
     shown = [len(d.value) for d in at.dataframe if "pool_row" in d.value.columns]  # no table without examples
-    assert held + dropped == 5 and held == sum(shown) and dropped > 0  # long proteins: not all five fit
+    # long proteins: windowed (examples' and query's alike) so that all five examples fit
+    window = int(re.search(r"every protein shown as its first (\d+) residues", text).group(1))
+    assert held == 5 and dropped == 0 and held == sum(shown) and 48 <= window < len(LONG)
 
 
 # ------------------------------------------------------------------------------------ row 13
