@@ -103,7 +103,8 @@ def test_on_the_zoo_alpha_moves_with_probes_and_seeds_and_shrinks_with_more_prob
 
     if not (ZOO_DIR / "run.yaml").is_file():
         pytest.skip("the demo zoo is not built")
-    ws = Workspace.from_spec(demo_spec(probes_per_modality=40, n_projections=128))
-    st = stability(ws, draws=4, groups=10, counts=(10,))
+    # 6 draws: on the 8-block zoo, where many alphas sit near 0 or 1, 4 draws did not always order 10 vs 40
+    ws = Workspace.from_spec(demo_spec(probes_per_modality=80, n_projections=128))
+    st = stability(ws, draws=6, groups=10, counts=(10, 20))
     assert float(st.alpha_boot.std(0).mean()) > 0 and (st.alpha_seed - st.alpha).abs().max() > 0
-    assert st.shrink[10] > st.shrink[40]  # fewer probes, more spread
+    assert st.shrink[10] > st.shrink[20] > st.shrink[80]  # fewer probes, more spread
