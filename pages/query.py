@@ -37,6 +37,15 @@ def _show_prompt(p) -> None:
         st.code(p.text(), language=None)
 
 
+def _demo_sets(load, what: str) -> dict:
+    """The demo zoo's question sets, or {} with a warning when the demo data is not here."""
+    try:
+        return load()
+    except ESMError as e:
+        st.warning(f"No {what} here: {e.reason}")
+        return {}
+
+
 def _oracle_row(answerer, cs, prompt) -> dict:
     """The two right specialists each answer their own single-fact question on the same query; the rule
     combines their answers (esm_core.zoo.composite.score_composites' oracle, for one question)."""
@@ -64,11 +73,7 @@ with guard():
                       horizontal=True, key="q_source")
 
     if source == "Demo zoo skills":
-        try:
-            sets = caches.skill_sets()
-        except ESMError as e:
-            st.warning(f"No demo skill questions here: {e.reason}")
-            sets = {}
+        sets = _demo_sets(caches.skill_sets, "demo skill questions")
         if sets:
             names = sorted(sets)
             skill = st.selectbox("skill", names, key="q_skill",
@@ -81,11 +86,7 @@ with guard():
                        f"label source: {ss.skill.source}")
 
     elif source == "Cross-modal questions":
-        try:
-            csets = caches.composite_sets()
-        except ESMError as e:
-            st.warning(f"No cross-modal questions here: {e.reason}")
-            csets = {}
+        csets = _demo_sets(caches.composite_sets, "cross-modal questions")
         if csets:
             cname = st.selectbox("question set", list(csets), key="q_comp",
                                  format_func=lambda n: f"{csets[n].pair}: {n}")
