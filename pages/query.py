@@ -49,13 +49,11 @@ def _demo_sets(load, what: str) -> dict:
 def _oracle_row(answerer, cs, prompt) -> dict:
     """The two right specialists each answer their own single-fact question on the same query; the rule
     combines their answers (esm_core.zoo.composite.score_composites' oracle, for one question)."""
-    from esm_core.zoo.composite import fact_prompts
+    from esm_core.zoo.composite import fact_prompt
     from esm_core.zoo.generic import rule_value
 
-    j = cs.prompts.index(prompt)
-    pa, pb = fact_prompts(cs)
     said = []
-    for skill, fp in ((cs.a, pa[j]), (cs.b, pb[j])):
+    for skill, fp in zip((cs.a, cs.b), fact_prompt(cs, prompt)):
         r = answer_side_by_side(answerer, fp, {skill.modality: skill.modality}, generate=False)[0]
         said.append(r["answer_likelihood"] == skill.labels[0])
     ans = "Yes" if rule_value(cs.rule, *said) else "No"

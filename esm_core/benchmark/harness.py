@@ -54,16 +54,16 @@ def fit_prompt(task: TaskData, record: Record, answerer: BatchedAnswerer, k: int
         longest = min(_longest_protein(task, record, chosen), task.protein_residues or 10**9)
         lo, hi = MIN_PROTEIN_WINDOW, longest - 1  # the largest window in [lo, hi] that fits, by bisection
         if lo <= hi:
-            window = lo
-            if fits(task.prompt(record, chosen=chosen, residues=lo)):
+            window, p = lo, task.prompt(record, chosen=chosen, residues=lo)
+            if fits(p):
                 while lo < hi:
                     mid = (lo + hi + 1) // 2
-                    if fits(task.prompt(record, chosen=chosen, residues=mid)):
-                        lo = mid
+                    q = task.prompt(record, chosen=chosen, residues=mid)
+                    if fits(q):
+                        lo, p = mid, q
                     else:
                         hi = mid - 1
                 window = lo
-            p = task.prompt(record, chosen=chosen, residues=window)
     for j in range(len(chosen), min(min_examples, len(chosen)) - 1, -1):
         if j < len(chosen):
             p = task.prompt(record, chosen=chosen[:j], residues=window)

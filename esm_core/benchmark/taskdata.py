@@ -190,7 +190,7 @@ class TaskData:
         return any(f.modality == "protein" for f in self.fields) or any(i.modality == "protein" for _, i in self.context)
 
     def _shown(self, modality: str, raw: str, residues: int | None = None) -> str:
-        cap = min(x for x in (residues, self.protein_residues) if x) if (residues or self.protein_residues) else None
+        cap = min((x for x in (residues, self.protein_residues) if x), default=None)
         if modality == "protein" and cap:
             return raw[:cap]
         return raw

@@ -117,13 +117,19 @@ def composite_sets(demo, *, per_label: int = 10, seed: int = 0, pairs=PAIRS, rul
     return out
 
 
+def fact_prompt(cs: CompositeSet, p: Prompt) -> tuple[Prompt, Prompt]:
+    """For the oracle: one composite question's two single-fact questions (the skills' own questions on the
+    same query, no examples), with the facts' labels as answers."""
+    a, b = cs.a, cs.b
+    fa, fb = p.meta["facts"]
+    return (skill_prompt(a, p.meta["query"], a.labels[0 if fa else 1], []),
+            skill_prompt(b, p.meta["query"], b.labels[0 if fb else 1], []))
+
+
 def fact_prompts(cs: CompositeSet) -> tuple[list[Prompt], list[Prompt]]:
-    """For the oracle: each composite question's two single-fact questions (the skills' own questions on
-    the same query, no examples), with the facts' labels as answers."""
-    out = []
-    for j, s in enumerate((cs.a, cs.b)):
-        out.append([skill_prompt(s, p.meta["query"], s.labels[0 if p.meta["facts"][j] else 1], []) for p in cs.prompts])
-    return out[0], out[1]
+    """fact_prompt for every question of a set: (first facts' prompts, second facts' prompts)."""
+    pairs = [fact_prompt(cs, p) for p in cs.prompts]
+    return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 @dataclass

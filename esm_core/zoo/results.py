@@ -26,13 +26,13 @@ from esm_core.merging.base import MergeContext
 from esm_core.merging.registry import get_method
 from esm_core.paths import ZOO_DIR
 from esm_core.pipeline import Workspace, estimate
-from esm_core.zoo.load import demo_spec, load_skill_sets, load_zoo
-from esm_core.zoo.report import own_other_table
 from esm_core.zoo.composite import PAIRS, CompositeReport, composite_sets, score_composites
 from esm_core.zoo.data import load_demo
 from esm_core.zoo.generic import RULES
+from esm_core.zoo.load import demo_spec, load_zoo
+from esm_core.zoo.report import own_other_table
 from esm_core.zoo.scoring import SkillReport, _render, measure_skills
-from esm_core.zoo.skills import MODALITIES
+from esm_core.zoo.skills import MODALITIES, heldout_skill_sets
 
 PRESETS = ("reference", "paper")
 MODES = ("combined", "layer", "element")
@@ -199,12 +199,13 @@ def _results(zoo: Path, *, k: int, per_label: int, composite_per_label: int = 10
     spec, sset, encoders = load_zoo(zoo)
     ws = Workspace.from_spec(spec, sset=sset)
     merged, info = merged_models(ws, progress=progress)
-    sets = load_skill_sets(k=k, per_label=per_label)
+    demo = load_demo()  # read once: the skill questions and the composite questions both come from it
+    sets = heldout_skill_sets(demo, k=k, per_label=per_label)
     models = [None, *sset.names, *merged]
     rep = measure_skills(sset, ws.encoders, sets, models, progress=progress)
     crep = None
     if composite_per_label:
-        csets = composite_sets(load_demo(), per_label=composite_per_label)
+        csets = composite_sets(demo, per_label=composite_per_label)
         crep = score_composites(sset, ws.encoders, csets, models, progress=progress)
         info["composite"] = {"rows": crep.rows, "seconds": crep.seconds}
     return rep, info, results_markdown(rep, merged, info, k=k, per_label=per_label, crep=crep,
