@@ -337,3 +337,89 @@ def test_keep_loss_is_zero_for_the_base_and_measures_only_kept_tokens():
     assert info["keep_loss"] == pytest.approx(want, rel=1e-3) and info["keep_loss"] > 1e-4
     loss.backward()  # the keep term sends gradients into the LoRA
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for n, p in pm.named_parameters() if "lora_A" in n)
+
+
+def _perturb_lora(pm, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def _states(pm, inner, rows):
+    """Block outputs of the adapter model and of the base on right-padded id rows (oracle: full batch)."""
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    x = inner.get_input_embeddings()(ids)
+    with torch.no_grad():
+        o = inner.model(inputs_embeds=x, attention_mask=mask, output_hidden_states=True)
+        with pm.disable_adapter():
+            ob = inner.model(inputs_embeds=x, attention_mask=mask, output_hidden_states=True)
+    return o, ob
+
+
+def test_keep_terms_on_a_batch_match_a_full_batch_oracle_tokens_and_pooled():
+    """The base runs only on the rows with kept tokens, cut after the last one; the token and the pooled keep
+    terms equal an oracle that runs the base on the whole batch."""
+    from esm_core.zoo.train import Sample, batch_loss
+
+    pm, inner, _ = _keep_fixture()
+    _perturb_lora(pm)
+    rng = random.Random(0)
+    samples, rows, spans = [], [], []
+    for b in range(6):
+        n_prot = rng.randint(2, 6)
+        pre = [1, 5] + [rng.randint(2, 30) for _ in range(rng.randint(0, 3))]
+        prot = [rng.randint(2, 30) for _ in range(n_prot)]
+        tail = [rng.randint(2, 30) for _ in range(rng.randint(1, 8))]  # unkept text after the block
+        pieces = [("ids", pre), ("ids", prot, "protein"), ("ids", tail)]
+        samples.append(Sample(pieces, [13], lm=False, keep=("protein",)))
+        rows.append(pre + prot + tail + [13])
+        spans.append(slice(len(pre), len(pre) + n_prot))
+    # a seventh, longer row without kept tokens: the base need not run on it
+    samples.append(Sample([("ids", [1] + [7] * 20)], [13], lm=False, keep=("protein",)))
+    rows.append([1] + [7] * 20 + [13])
+    _, info = batch_loss(inner, samples, {}, keep_weight=1.0, keep_pool_weight=1.0, base_off=pm.disable_adapter)
+    o, ob = _states(pm, inner, rows)
+    tok_terms, pool_terms = [], []
+    for h, hb in zip(o.hidden_states[1:], ob.hidden_states[1:]):
+        a = torch.cat([h[b, sp] for b, sp in enumerate(spans)]).double()
+        c = torch.cat([hb[b, sp] for b, sp in enumerate(spans)]).double()
+        tok_terms.append(float(((a - c) ** 2 / c.var(0, unbiased=False)).mean()))
+        pa = torch.stack([h[b, sp].mean(0) for b, sp in enumerate(spans)]).double()
+        pc = torch.stack([hb[b, sp].mean(0) for b, sp in enumerate(spans)]).double()
+        pool_terms.append(float(((pa - pc) ** 2 / pc.var(0, unbiased=False)).mean()))
+    assert info["keep_loss"] == pytest.approx(sum(tok_terms) / len(tok_terms), rel=1e-3)
+    assert info["keep_pool_loss"] == pytest.approx(sum(pool_terms) / len(pool_terms), rel=1e-3)
+    # the pooled points spread less than the tokens: the same change costs more there
+    assert info["keep_pool_loss"] > info["keep_loss"] > 1e-4
+    # fewer than 4 samples with the modality: no pooled term (its variance would be noise)
+    _, few = batch_loss(inner, samples[:3], {}, keep_weight=1.0, keep_pool_weight=1.0, base_off=pm.disable_adapter)
+    assert "keep_pool_loss" not in few and few["keep_loss"] > 0
+
+
+def test_distilled_answers_follow_the_base_not_the_gold_label():
+    """A ``distill`` sample (another modality's question) is scored by KL(base || model) of its first answer
+    token, not by its gold answer: zero for the base itself, the oracle's KL after the LoRA moves."""
+    from esm_core.zoo.train import Sample, batch_loss
+
+    pm, inner, _ = _keep_fixture()
+    gold = Sample([("ids", [1, 5, 6, 7])], [13], lm=False)
+    other = Sample([("ids", [1, 8, 9, 10, 11, 12])], [14, 15], lm=False, distill=True)
+    _, info = batch_loss(inner, [gold, other], {}, base_off=pm.disable_adapter)
+    assert info["distill_kl"] == pytest.approx(0.0, abs=1e-9)
+    _perturb_lora(pm)
+    loss, info = batch_loss(inner, [gold, other], {}, base_off=pm.disable_adapter)
+    o, ob = _states(pm, inner, [[1, 5, 6, 7, 13], [1, 8, 9, 10, 11, 12, 14, 15]])
+    with torch.no_grad():
+        lp = torch.log_softmax(inner.lm_head(o.last_hidden_state[1, 5]).double(), -1)
+        lb = torch.log_softmax(inner.lm_head(ob.last_hidden_state[1, 5]).double(), -1)
+        want_kl = float((lb.exp() * (lb - lp)).sum())
+        want_ce = float(-torch.log_softmax(inner.lm_head(o.last_hidden_state[0, 3]).double(), -1)[13])
+    assert info["distill_kl"] == pytest.approx(want_kl, rel=1e-3) and want_kl > 1e-4
+    assert info["answer_loss"] == pytest.approx(want_ce, rel=1e-4)  # only the gold sample's answer
+    assert float(loss.detach()) == pytest.approx(want_ce + want_kl, rel=1e-3)
+    loss.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for n, p in pm.named_parameters() if "lora_A" in n)

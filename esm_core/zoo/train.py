@@ -52,10 +52,11 @@ class Sample:
     answer: list[int]  # token ids appended after the pieces and always trained (may be empty)
     lm: bool = True  # train the LM loss on (a subset of) the other positions too
     keep: tuple = ()  # modalities whose token states should stay as the base's (see batch_loss)
+    distill: bool = False  # the answer is the base's: its first answer token's distribution (see batch_loss)
 
 
 def sample_from_segments(toks: Tokens, segments: list, answer_text: str | None, soft: set[str] = frozenset(),
-                         lm: bool = True, eos: bool = False, keep: tuple = ()) -> Sample:
+                         lm: bool = True, eos: bool = False, keep: tuple = (), distill: bool = False) -> Sample:
     pieces: list = [("ids", [toks.bos])] if toks.bos is not None else []
     for s in segments:
         if isinstance(s, str):
@@ -70,7 +71,7 @@ def sample_from_segments(toks: Tokens, segments: list, answer_text: str | None, 
         ans = ans + [toks.eos] if ans else ans
         if not ans:
             pieces.append(("ids", [toks.eos]))
-    return Sample(pieces, ans, lm, tuple(keep))
+    return Sample(pieces, ans, lm, tuple(keep), distill)
 
 
 def _lengths(s: Sample, soft_len: dict[str, int]) -> int:
@@ -162,7 +163,8 @@ def build_embeds(samples: list[Sample], embedding: nn.Embedding, soft: dict[str,
 
 
 def batch_loss(lm, samples: list[Sample], soft: dict[str, SoftModality], *, lm_frac: float = 0.0,
-               rng: torch.Generator | None = None, keep_weight: float = 0.0, base_off=None) -> tuple[torch.Tensor, dict]:
+               rng: torch.Generator | None = None, keep_weight: float = 0.0, base_off=None,
+               keep_pool_weight: float = 0.0, distill_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Cross-entropy on answer tokens (+ on a random lm_frac of the other next-token targets).
 
     keep_weight > 0 adds a term that keeps the block outputs on the tokens of each sample's ``keep``
@@ -175,19 +177,37 @@ def batch_loss(lm, samples: list[Sample], soft: dict[str, SoftModality], *, lm_f
     distance relative to each token's norm let the cell specialist move the residue tokens, whose
     states vary little, further than its own.) ``keep`` entries are matched by position in
     Sample.keep, so all samples of a batch must list the kept modalities in the same order.
+
+    keep_pool_weight > 0 adds the same distance on each sample's MEAN-POOLED kept states, in units of the
+    per-dimension variance of the base's pooled states over the batch (at least 4 samples with that
+    modality). The layer signal compares exactly these pooled points (docs/METHOD.md section 2), and their
+    spread is far smaller than the tokens' spread: a shift shared by every token of a block costs little in
+    the token term but moves the pooled points by many of their standard deviations (on the 8-block zoo the
+    molecule specialist moved the pooled protein states further than its own molecule states).
+
+    Samples with ``distill`` set are another modality's questions: instead of the gold answer, the loss is
+    KL(base || model) of the first answer token's distribution (x distill_weight), so the specialist
+    answers them as the base does (a specialist that never saw them would).
+
+    The base runs only on the samples that have kept tokens or a distilled answer, cut after the last
+    position needed: with right padding and causal attention, those positions' states do not depend on
+    the rest.
     """
     emb = lm.get_input_embeddings()
     x, mask, ans_pos, ids, keep_mask = build_embeds(samples, emb, soft, pad_id=0)
+    distill_rows = [b for b, s in enumerate(samples) if s.distill and s.answer]
     use_keep = keep_weight > 0 and bool((keep_mask >= 0).any())
+    use_distill = bool(distill_rows) and distill_weight > 0
     out = lm.model(inputs_embeds=x, attention_mask=mask, use_cache=False, output_hidden_states=use_keep)
     hidden = out.last_hidden_state
     head = lm.lm_head
-    rows = torch.tensor([r for r, _, _ in ans_pos], dtype=torch.long)
-    pos = torch.tensor([p for _, p, _ in ans_pos], dtype=torch.long)
-    tgt = torch.tensor([t for _, _, t in ans_pos], dtype=torch.long, device=x.device)
+    gold = [(r, p, t) for r, p, t in ans_pos if not samples[r].distill]
     info = {}
     loss = x.new_zeros(())
-    if len(ans_pos):
+    if gold:
+        rows = torch.tensor([r for r, _, _ in gold], dtype=torch.long)
+        pos = torch.tensor([p for _, p, _ in gold], dtype=torch.long)
+        tgt = torch.tensor([t for _, _, t in gold], dtype=torch.long, device=x.device)
         logits = head(hidden[rows, pos]).float()
         ans_loss = nn.functional.cross_entropy(logits, tgt)
         loss = loss + ans_loss
@@ -207,23 +227,59 @@ def batch_loss(lm, samples: list[Sample], soft: dict[str, SoftModality], *, lm_f
             lm_loss = nn.functional.cross_entropy(logits, nxt[r, p].to(x.device))
             loss = loss + lm_loss
             info["lm_loss"] = float(lm_loss.detach())
+    if not (use_keep or use_distill):
+        return loss, info
+    # the base, on the rows that need it, up to the last position needed
+    first_ans = {r: p for r, p, _ in reversed(ans_pos)}  # row -> position predicting its first answer token
+    need = (keep_mask >= 0) if use_keep else torch.zeros_like(keep_mask, dtype=torch.bool)
+    last = [int(need[b].nonzero().max()) if bool(need[b].any()) else -1 for b in range(len(samples))]
+    for b in distill_rows if use_distill else ():
+        last[b] = max(last[b], first_ans[b])
+    sub = [b for b in range(len(samples)) if last[b] >= 0]
+    cut = max(last[b] for b in sub) + 1
+    sub_t = torch.tensor(sub, dtype=torch.long, device=x.device)
+    with torch.no_grad(), base_off():
+        ref_out = lm.model(inputs_embeds=x.detach()[sub_t, :cut], attention_mask=mask[sub_t, :cut], use_cache=False,
+                           output_hidden_states=use_keep)
+    if use_distill:
+        local = {b: i for i, b in enumerate(sub)}
+        pos = torch.tensor([first_ans[b] for b in distill_rows], dtype=torch.long)
+        mine = nn.functional.log_softmax(head(hidden[torch.tensor(distill_rows), pos]).float(), -1)
+        with torch.no_grad():
+            base_lp = nn.functional.log_softmax(
+                head(ref_out.last_hidden_state[torch.tensor([local[b] for b in distill_rows]), pos]).float(), -1)
+        kl = nn.functional.kl_div(mine, base_lp, log_target=True, reduction="batchmean")
+        loss = loss + distill_weight * kl
+        info["distill_kl"] = float(kl.detach())
     if use_keep:
-        with torch.no_grad(), base_off():
-            ref = lm.model(inputs_embeds=x.detach(), attention_mask=mask, use_cache=False,
-                           output_hidden_states=True).hidden_states
-        terms = []
-        for j in range(int(keep_mask.max()) + 1):
-            sel = keep_mask == j
+        km = keep_mask[sub_t, :cut]
+        terms, pool_terms = [], []
+        for j in range(int(km.max()) + 1):
+            sel = km == j
             if int(sel.sum()) < 2:
                 continue
-            for h, hb in zip(out.hidden_states[1:], ref[1:]):
+            w = sel.to(x.dtype)
+            cnt = w.sum(1)
+            has = cnt > 0
+            pool_ok = keep_pool_weight > 0 and int(has.sum()) >= 4
+            for h, hb in zip(out.hidden_states[1:], ref_out.hidden_states[1:]):
+                h = h[sub_t, :cut]
                 hs, hbs = h[sel], hb[sel]
                 var = hbs.var(0, unbiased=False).clamp_min(1e-6)
                 terms.append(((hs - hbs).pow(2) / var).mean())
+                if pool_ok:
+                    ph = (w.unsqueeze(-1) * h).sum(1)[has] / cnt[has].unsqueeze(-1)
+                    phb = (w.unsqueeze(-1) * hb).sum(1)[has] / cnt[has].unsqueeze(-1)
+                    pvar = phb.var(0, unbiased=False).clamp_min(1e-6)
+                    pool_terms.append(((ph - phb).pow(2) / pvar).mean())
         if terms:
             keep_loss = torch.stack(terms).mean()
             loss = loss + keep_weight * keep_loss
             info["keep_loss"] = float(keep_loss.detach())
+        if pool_terms:
+            pool_loss = torch.stack(pool_terms).mean()
+            loss = loss + keep_pool_weight * pool_loss
+            info["keep_pool_loss"] = float(pool_loss.detach())
     return loss, info
 
 
@@ -258,7 +314,7 @@ def train_loop(lm, params: list, sample_fn: Callable[[random.Random], Sample], *
                batch_size: int, soft: dict[str, SoftModality], lm_frac: float, seed: int, desc: str, warmup: int = 50,
                weight_decay: float = 0.0, extra_groups: list[dict] | None = None, log_every: int = 50,
                progress: bool = True, log: Callable[[str], None] | None = None, keep_weight: float = 0.0,
-               base_off=None, bucket: int = 1) -> list[dict]:
+               base_off=None, bucket: int = 1, keep_pool_weight: float = 0.0, distill_weight: float = 1.0) -> list[dict]:
     """AdamW over params with warmup + cosine decay; returns the logged history (means every log_every steps).
 
     bucket > 1 draws bucket * batch_size samples and cuts them into length-sorted batches (less padding).
@@ -283,7 +339,8 @@ def train_loop(lm, params: list, sample_fn: Callable[[random.Random], Sample], *
         for g, pk in zip(opt.param_groups, peaks):
             g["lr"] = lr_at(step, steps, pk, min(warmup, max(1, steps // 10)))
         batch = next(batches)
-        loss, info = batch_loss(lm, batch, soft, lm_frac=lm_frac, rng=gen, keep_weight=keep_weight, base_off=base_off)
+        loss, info = batch_loss(lm, batch, soft, lm_frac=lm_frac, rng=gen, keep_weight=keep_weight, base_off=base_off,
+                                keep_pool_weight=keep_pool_weight, distill_weight=distill_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
