@@ -14,8 +14,11 @@ from esm_core.benchmark.tasks import task_table
 from esm_core.merging.registry import list_methods
 from esm_core.paths import default_data_dir
 from ui import comparisons, roots, state
+from ui.routes import through_app
 from ui.session import current
 from ui.widgets import csv_bytes, guard, timed_progress
+
+through_app()  # a deep link on a fresh server goes through app.py (ui/routes.py)
 
 st.title("Compare merge methods on answers")
 st.caption("Every chosen method merges the specialists; the base, the specialists and each merge answer the same "

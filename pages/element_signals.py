@@ -14,7 +14,10 @@ import streamlit as st
 
 from esm_core.coefficients import disagreements
 from ui import figures, links, state
+from ui.routes import through_app
 from ui.widgets import csv_bytes, guard, method_controls, need_result, preset_badge, show_figure
+
+through_app()  # a deep link on a fresh server goes through app.py (ui/routes.py)
 
 st.title("Element signals")
 st.caption("Per parameter element: the absolute gradients of the hidden-state distance (raw score g), "

@@ -9,7 +9,10 @@ import streamlit as st
 
 from esm_core.analysis.embed2d import gather_points
 from ui import caches, figures, links, merges, sample_pools, state
+from ui.routes import through_app
 from ui.widgets import guard, need_result, preset_badge, show_figure
+
+through_app()  # a deep link on a fresh server goes through app.py (ui/routes.py)
 
 st.title("Embeddings")
 st.caption("Where each model puts the probe samples in its hidden space. All chosen models are projected "

@@ -8,7 +8,10 @@ import streamlit as st
 
 from esm_core.analysis.explain import trace
 from ui import links
+from ui.routes import through_app
 from ui.widgets import guard, method_controls, need_result, preset_badge
+
+through_app()  # a deep link on a fresh server goes through app.py (ui/routes.py)
 
 st.title("Explain one coefficient")
 st.caption("Pick a specialist and one element of one LoRA factor; every step of ES-Merging is shown with "

@@ -6,8 +6,11 @@ from __future__ import annotations
 import streamlit as st
 
 from ui import figures, links, state
+from ui.routes import through_app
 from ui.session import current
 from ui.widgets import guard, method_controls, need_result, preset_badge, show_figure
+
+through_app()  # a deep link on a fresh server goes through app.py (ui/routes.py)
 
 st.title("Layer signals")
 st.caption("How far each specialist's mean-pooled hidden states move from the base, block by block "

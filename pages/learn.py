@@ -14,7 +14,10 @@ from esm_core.merging.base import MergeContext
 from esm_core.merging.output import update_report
 from esm_core.merging.registry import get_method
 from ui import caches, figures, links, merges, state
+from ui.routes import through_app
 from ui.widgets import guard, need_result, preset_badge, show_figure
+
+through_app()  # a deep link on a fresh server goes through app.py (ui/routes.py)
 
 STEPS = [
     ("Probes hold every modality", "A probe is one input holding a text prefix and a token block for EVERY modality "

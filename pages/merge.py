@@ -26,7 +26,10 @@ from esm_core.merging.registry import get_method, list_methods
 from esm_core.paths import DEMO_DIR
 from esm_core.zoo.skills import SKILLS
 from ui import figures, links, merge_data, merges, shared, state
+from ui.routes import through_app
 from ui.widgets import csv_bytes, guard, param_controls, preset_badge, run_button, show_figure, timed_progress
+
+through_app()  # a deep link on a fresh server goes through app.py (ui/routes.py)
 
 EQ1_NOTE = ("**What Eq. 1 on factors does.** Merging A and B separately gives the update "
             "(Σₖ λₖBₖ)(Σₖ λₖAₖ) = Σₖ λₖ² BₖAₖ + Σ_{j≠k} λⱼλₖ BⱼAₖ: a specialist's own update survives with about λ² "

@@ -11,7 +11,10 @@ from esm_core.coefficients import mean_lambda_per_layer
 from esm_core.paths import ZOO_DIR
 from ui import figures, state
 from ui.roots import ROOT
+from ui.routes import through_app
 from ui.widgets import guard, preset_badge, run_button, show_figure
+
+through_app()  # a deep link on a fresh server goes through app.py (ui/routes.py)
 
 st.title("ES-Merging workbench")
 st.markdown(

@@ -31,7 +31,10 @@ from esm_core.config import MethodConfig
 from esm_core.errors import ESMError
 from esm_core.probes import build_probes, sample_modality
 from ui import figures, sample_pools, state
+from ui.routes import through_app
 from ui.widgets import csv_bytes, guard, show_figure
+
+through_app()  # a deep link on a fresh server goes through app.py (ui/routes.py)
 
 st.title("Probe")
 st.caption("A probe is a short prefix naming each modality followed by its token block, for every modality "

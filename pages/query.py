@@ -23,8 +23,11 @@ from esm_core.paths import default_data_dir
 from esm_core.samples import validate
 from ui import caches, merges, roots, state
 from ui.figures import color_map
+from ui.routes import through_app
 from ui.session import current
 from ui.widgets import csv_bytes, guard, show_figure
+
+through_app()  # a deep link on a fresh server goes through app.py (ui/routes.py)
 
 st.title("Query the models")
 st.caption("The same prompt goes to the base, each specialist and every merged model of this session "

@@ -24,8 +24,11 @@ from esm_core.importing import FORMATS, import_specialist, report_rows
 from esm_core.runspec import RunSpec, load_run_spec, run_spec_from_dict
 from esm_core.samples import VALIDATORS
 from ui import checks, figures, roots, state
+from ui.routes import through_app
 from ui.session import current
 from ui.widgets import csv_bytes, guard, show_figure
+
+through_app()  # a deep link on a fresh server goes through app.py (ui/routes.py)
 
 st.title("Specialists")
 st.caption("One base model and K LoRA specialists on one copy of the base (docs/METHOD.md section 0). Every check below "

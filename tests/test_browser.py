@@ -32,8 +32,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(world, app_run_yaml):
+def _serve(world, app_run_yaml, log_name: str):
+    """Start `streamlit run app.py` on a free port; yields its URL, stops it after."""
     if not Path(CHROMIUM).exists():
         if os.environ.get("ESM_REQUIRE_BROWSER") == "1":
             pytest.fail(f"{CHROMIUM} is missing but ESM_REQUIRE_BROWSER=1 (install Debian's chromium)")
@@ -45,7 +45,7 @@ def server(world, app_run_yaml):
     if app_run_yaml.resolve() != (ROOT / "assets" / "zoo" / "run.yaml").resolve():
         env["ESM_DEMO_SPEC"] = str(app_run_yaml)
     ARTIFACTS.mkdir(exist_ok=True)
-    log = open(ARTIFACTS / "streamlit.log", "w")
+    log = open(ARTIFACTS / log_name, "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
                              "--server.address", "127.0.0.1", "--server.headless", "true",
                              "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env, stdout=log,
@@ -60,7 +60,7 @@ def server(world, app_run_yaml):
             time.sleep(0.5)
     else:
         proc.kill()
-        pytest.fail("streamlit did not start within 90 s; see test-artifacts/streamlit.log")
+        pytest.fail(f"streamlit did not start within 90 s; see test-artifacts/{log_name}")
     yield url
     proc.terminate()
     try:
@@ -68,6 +68,39 @@ def server(world, app_run_yaml):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture(scope="module")
+def server(world, app_run_yaml):
+    yield from _serve(world, app_run_yaml, "streamlit.log")
+
+
+@pytest.fixture
+def fresh_server(world, app_run_yaml):
+    """A server process no session has used yet."""
+    yield from _serve(world, app_run_yaml, "streamlit_fresh.log")
+
+
+def test_deep_link_into_a_fresh_server_opens_that_view_through_the_app(fresh_server):
+    """The first request a server process gets is an instructor's link to lesson step 4. Streamlit routes a
+    process's first run by the pages/ folder; the page goes through app.py (ui/routes.py): the lesson at step
+    4, the app's sidebar, and no "Page not found"."""
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=120_000)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.goto(fresh_server + "/learn?lesson_step=4")
+        expect(page.get_by_text("Step 4: Where the distance grows").first).to_be_visible()
+        expect(page.get_by_text("Workspace").first).to_be_visible()  # app.py's sidebar ran
+        expect(page).to_have_url(re.compile(r"/learn\?lesson_step=4$"))
+        assert page.get_by_text("Page not found").count() == 0
+        # a second page of the app, by the sidebar's navigation, still works
+        page.get_by_role("link", name="Probe").first.click()
+        expect(page).to_have_url(re.compile(r"/probe"))
+        page.screenshot(path=str(ARTIFACTS / "00_deep_link.png"))
+        browser.close()
 
 
 def test_main_flow_in_chromium(server):
@@ -126,7 +159,7 @@ def test_main_flow_in_chromium(server):
         shot("08_learn")
         # a link with view state opens that view in a fresh session (an instructor sends a room to step 4)
         other = browser.new_page(viewport={"width": 1440, "height": 1000})
-        other.goto(server.rstrip("/") + "/lesson?lesson_step=4")
+        other.goto(server.rstrip("/") + "/learn?lesson_step=4")
         expect(other.get_by_text("Step 4: Where the distance grows").first).to_be_visible()
         expect(other).to_have_url(re.compile(r"lesson_step=4"))
         other.close()
