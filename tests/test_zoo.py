@@ -111,14 +111,7 @@ def test_specialist_beats_base_by_20_points_on_own_modality(skill_report, specia
     assert own >= 0.20, f"{specialist}: own-modality gain {100 * own:.1f} points"
 
 
-# Known miss of the 8-block zoo (assets/zoo/SKILLS.md): the cell specialist scores 55.5 % on the molecule
-# questions against the base's 47.3 % (+8.2 points; 5.5 above chance). No cell fact can tell a molecule's
-# label, so it reads the molecule encoder's soft tokens (whose mean encodes the molecule facts linearly) a
-# little differently from the base. Strict: the mark must go when a rebuilt zoo meets the check.
-@pytest.mark.parametrize("specialist", [
-    "molecule", "protein",
-    pytest.param("cell", marks=pytest.mark.xfail(strict=True, reason="cell on molecule +8.2 points (SKILLS.md)")),
-])
+@pytest.mark.parametrize("specialist", MODS)
 def test_specialist_gains_at_most_5_points_on_other_modalities(skill_report, specialist):
     rep = skill_report
     for other in MODS:
@@ -127,14 +120,7 @@ def test_specialist_gains_at_most_5_points_on_other_modalities(skill_report, spe
             assert gain <= 0.05, f"{specialist} on {other}: {100 * gain:+.1f} points over the base"
 
 
-# Known miss of the 8-block zoo (assets/zoo/RESULTS.md): with the reference preset (standardised SWD) the
-# molecule specialist's last-block distance is larger on protein tokens (0.431) than on its own molecule
-# tokens (0.384); the cell and protein rows, and all rows with the paper preset, are diagonal-dominant.
-# Strict: the mark must go when a rebuilt zoo meets the check.
-@pytest.mark.parametrize("preset", [  # standardised SWD or raw hidden states
-    pytest.param("reference", marks=pytest.mark.xfail(strict=True, reason="molecule row: 0.384 own < 0.431 protein")),
-    "paper",
-])
+@pytest.mark.parametrize("preset", ["reference", "paper"])  # standardised SWD or raw hidden states
 def test_fig2_distance_matrix_is_diagonal_dominant(zoo, preset):
     from esm_core.pipeline import Workspace, estimate
     from esm_core.zoo.load import demo_spec
