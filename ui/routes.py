@@ -4,13 +4,15 @@ Every page's URL path is its file name in ``pages/`` (``/learn``, ``/element_sig
 ``/``). On a server process's first script run Streamlit still routes by the ``pages/`` folder (its older
 multipage convention, until st.navigation has run once): a deep link such as ``/learn?lesson_step=4``
 then runs ``pages/learn.py`` directly, without app.py, its sidebar and its link restore. Each page
-therefore starts with :func:`through_app`: in that first run it registers the app's navigation and
-reruns, and the rerun goes through app.py to the same page (a page's identity is its URL path, the
+therefore starts with :func:`through_app`: in that first run it runs app.py in its place, which
+registers the app's navigation and runs the same page inside the app (a page's identity is its URL path, the
 same in both conventions). With URL paths that differ from the file names, the first run found no
 page, showed "Page not found" and only then reached the page.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import streamlit as st
 
@@ -46,8 +48,15 @@ def _folder_routing() -> bool:
 
 
 def through_app() -> None:
-    """First call of every page script: a page run directly by the folder convention (a deep link into a
-    server process no session has used yet) registers the app's navigation and reruns through app.py."""
-    if _folder_routing():
-        st.navigation(pages(), position="hidden")
-        st.rerun()
+    """First call of every page script. A page run directly by the folder convention (a deep link into a
+    server process no session has used yet; every run of Streamlit's AppTest, which resets the
+    convention flag per run) runs app.py in its place, within this same script run, and stops: app.py
+    registers the navigation (the process leaves the folder convention), resolves this same page (its
+    URL path is its identity in both conventions) and runs it inside the app's frame. Done in the same
+    run rather than by a rerun, so a button press carried by this run is not lost."""
+    if not _folder_routing():
+        return
+    app_path = Path(__file__).resolve().parents[1] / "app.py"
+    code = compile(app_path.read_text(encoding="utf-8"), str(app_path), "exec")
+    exec(code, {"__name__": "__main__", "__file__": str(app_path)})  # noqa: S102 (the app's own entry script)
+    st.stop()
