@@ -178,6 +178,9 @@ def test_tiny_zoo_builds_loads_and_answers(tmp_path):
     info = json.loads((out / "build.json").read_text())
     assert info["config"]["layers"] == cfg.layers and "skills" in info
     assert (out / "SKILLS.md").read_text().startswith("# Demo zoo")
+    # a 3-step miniature fails the specialist checks, and the build says so (written, not hidden)
+    assert info["failed_checks"] and "## Checks" in (out / "SKILLS.md").read_text()
+    assert "**failed**" in (out / "SKILLS.md").read_text()
     ads = [read_adapter(out / m, m) for m in ("molecule", "protein", "cell")]
     for ad in ads:  # the paper's LoRA configuration: all 7 modules in every block, one rank
         assert {(l, m.rsplit(".", 1)[-1]) for l, m in ad.modules()} == {(l, t) for l in range(cfg.layers)
@@ -192,6 +195,38 @@ def test_tiny_zoo_builds_loads_and_answers(tmp_path):
     assert lp.shape == (2, 2) and bool(lp.isfinite().all())
     with pytest.raises(ESMError, match="already exists"):
         build_zoo(out, cfg, progress=False, log=lambda m: None)
+
+
+def _report(acc: dict):
+    """A SkillReport from {(model, modality): accuracy}, two skills per modality at that accuracy."""
+    from esm_core.zoo.scoring import SkillReport
+
+    return SkillReport([{"model": m, "modality": mod, "skill": f"{mod}_{i}", "n": 10, "acc_likelihood": a}
+                        for (m, mod), a in acc.items() for i in range(2)])
+
+
+def _accs(**over):
+    """Base at 0.5 everywhere; each specialist +0.30 on its own modality and +0.0 elsewhere, unless overridden."""
+    mods = ("molecule", "protein", "cell")
+    acc = {("base", m): 0.5 for m in mods}
+    acc.update({(s, m): (0.8 if s == m else 0.5) for s in mods for m in mods})
+    acc.update({tuple(k.split("__")): v for k, v in over.items()})
+    return acc
+
+
+@pytest.mark.parametrize("over,expected", [
+    ({}, []),
+    ({"protein__protein": 0.502}, ["protein specialist: +0.2 points over the base on its own skills (needs +20)"]),
+    ({"cell__molecule": 0.58}, ["cell specialist: +8.0 points over the base on another modality's skills (at most +5)"]),
+    ({"molecule__molecule": 0.70, "molecule__cell": 0.55}, []),  # exactly +20 and +5 pass
+])
+def test_failed_checks_name_the_specialist_and_the_gap(over, expected):
+    from esm_core.zoo.report import failed_checks, skills_markdown
+
+    rep = _report(_accs(**over))
+    assert failed_checks(rep) == expected
+    md = skills_markdown(rep)
+    assert ("**all pass**" in md) == (not expected)
 
 
 @pytest.mark.parametrize("argv,msg", [

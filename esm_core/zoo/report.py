@@ -23,6 +23,26 @@ def own_other(rep: SkillReport, how: str = "likelihood", base: str = "base") -> 
     return out
 
 
+OWN_GAIN_MIN = 0.20  # a specialist beats the base on its own modality's held-out skills by at least this
+OTHER_GAIN_MAX = 0.05  # ... and on no other modality by more than this
+
+
+def failed_checks(rep: SkillReport, how: str = "likelihood") -> list[str]:
+    """The zoo's specialist checks that these measurements fail, one sentence each (empty: all pass).
+
+    The same thresholds as tests/test_zoo.py. The build is deterministic on one machine, but a rebuild on
+    another CPU trains on different round-off and can land elsewhere (docs: README, "The demo zoo")."""
+    out = []
+    for r in own_other(rep, how):  # compared in points as SKILLS.md prints them (0.1), not in float round-off
+        if round(100 * r["own_gain"], 1) < round(100 * OWN_GAIN_MIN, 1):
+            out.append(f"{r['specialist']} specialist: {100 * r['own_gain']:+.1f} points over the base on its own "
+                       f"skills (needs {100 * OWN_GAIN_MIN:+.0f})")
+        if round(100 * r["other_max_gain"], 1) > round(100 * OTHER_GAIN_MAX, 1):
+            out.append(f"{r['specialist']} specialist: {100 * r['other_max_gain']:+.1f} points over the base on "
+                       f"another modality's skills (at most {100 * OTHER_GAIN_MAX:+.0f})")
+    return out
+
+
 def own_other_table(rep: SkillReport, how: str = "likelihood", fmt: str = "text") -> str:
     hdr = ["specialist", "own", "base on own", "gain", "other (mean)", "base on other", "max gain on other"]
     lines = [[r["specialist"], f"{100 * r['own']:.1f}", f"{100 * r['base_own']:.1f}", f"{100 * r['own_gain']:+.1f}",
@@ -57,6 +77,12 @@ def skills_markdown(rep: SkillReport, cfg=None) -> str:
     methods = methods_of(rep)
     for how in methods:
         parts += [f"## Own vs other modalities ({HOW[how]})", "", own_other_table(rep, how, "markdown"), ""]
+    if "likelihood" in methods:
+        failed = failed_checks(rep)
+        parts += ["## Checks", "",
+                  f"Each specialist {100 * OWN_GAIN_MIN:+.0f} points or more over the base on its own modality, at most "
+                  f"{100 * OTHER_GAIN_MAX:+.0f} on any other (label likelihood): "
+                  + ("**all pass**." if not failed else "**failed**: " + "; ".join(failed) + "."), ""]
     for how in methods:
         parts += [f"## By modality ({HOW[how]})", "", rep.table(how, "markdown"), ""]
     for how in methods:
