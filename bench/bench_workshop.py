@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"]
+SLOW_POLL_S = 0.5  # health answers at least this slow are listed with the moment they happened
 OWN_ROWS = 24  # molecule rows an "own selection" session picks (>= min_probes)
 
 
@@ -67,7 +68,7 @@ def start_server(env: dict, log_path: Path, timeout: float = 120.0) -> tuple[sub
     raise RuntimeError(f"streamlit did not start within {timeout:.0f} s; see {log_path}")
 
 
-def _poll_health(url: str, timeout: float, halt, worst, n, failures) -> None:
+def _poll_health(url: str, timeout: float, halt, worst, n, failures, slow, t_start: float) -> None:
     while not halt.wait(0.2):
         t0 = time.monotonic()
         try:
@@ -79,6 +80,8 @@ def _poll_health(url: str, timeout: float, halt, worst, n, failures) -> None:
             worst.value = max(worst.value, dt)
             n.value += 1
             failures.value += not ok
+        if dt >= SLOW_POLL_S:
+            slow.put((round(t0 - t_start, 1), round(dt, 2)))
 
 
 class HealthPoller:
@@ -92,14 +95,28 @@ class HealthPoller:
         ctx = mp.get_context("spawn")
         self._halt = ctx.Event()
         self._worst, self._n, self._failures = ctx.Value("d", 0.0), ctx.Value("i", 0), ctx.Value("i", 0)
-        self._proc = ctx.Process(target=_poll_health, args=(url + "/_stcore/health", timeout, self._halt,
-                                                            self._worst, self._n, self._failures), daemon=True)
+        self._slow_q = ctx.Queue()
+        self.slow: list[tuple[float, float]] = []  # (seconds since start, answer time) of the slow polls
+        self._ctx, self._url, self._timeout = ctx, url + "/_stcore/health", timeout
+        self._proc = None
 
     def start(self) -> None:
+        """Starts polling; the slow polls' moments count from here."""
+        self._proc = self._ctx.Process(target=_poll_health, args=(self._url, self._timeout, self._halt, self._worst,
+                                                                   self._n, self._failures, self._slow_q,
+                                                                   time.monotonic()), daemon=True)
         self._proc.start()
 
     def stop(self) -> None:
+        import queue
+
         self._halt.set()
+        while True:  # drain before joining: a child with queued items would not exit
+            try:
+                self.slow.append(self._slow_q.get(timeout=0.5 if self._proc.is_alive() else 0.05))
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    break
         self._proc.join(10)
 
     worst = property(lambda self: self._worst.value)
@@ -259,6 +276,7 @@ def run_workshop(n: int, *, spec_path: Path | None = None, env: dict | None = No
         r.pop("done_at", None)
     return {"sessions": recs, "wall_s": wall, "default_lag_after_first_s": lags,
             "health_worst_s": health.worst, "health_polls": health.n, "health_failures": health.failures,
+            "health_slow": health.slow,
             "errors": sum(len(r["errors"]) for r in recs), "all_equal": all(r["equal_to_solo"] for r in recs),
             "client_nice": client_nice, "warm_up_s": warm_s}
 
@@ -288,6 +306,9 @@ def main() -> int:
           f"first one's result (target < 3 s)")
     print(f"health endpoint: slowest {res['health_worst_s']:.2f} s over {res['health_polls']} polls, "
           f"{res['health_failures']} failed (target < 1 s)")
+    if res["health_slow"]:
+        print(f"  answers >= {SLOW_POLL_S} s (seconds into the room: answer time): "
+              + ", ".join(f"{t:.0f}: {dt:.2f}" for t, dt in res["health_slow"]))
     ok = (res["errors"] == 0 and res["all_equal"] and all(x < 3 for x in lags) and res["health_worst_s"] < 1)
     print("targets met" if ok else "targets NOT met")
     if args.out:

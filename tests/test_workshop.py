@@ -37,3 +37,14 @@ def test_three_sessions_at_once(world, app_run_yaml, tmp_path):
     assert how.count("computed") == 1 and set(how) - {"computed"} <= {"cached", "joined"}, how
     assert next(r["how"] for r in res["sessions"] if r["selection"] != "default") == "computed"
     # timing figures (health, waits) are the benchmark's to print, not this test's to assert
+
+
+def test_server_config_keeps_the_event_loop_free():
+    """The two server settings the room's health figures depend on (bench/bench_workshop.py): no source
+    watcher walking every imported module, and no full garbage collection (GIL held ~0.5 s) after every
+    script run."""
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert cfg["server"]["fileWatcherType"] == "none"
+    assert cfg["runner"]["postScriptGC"] is False
