@@ -444,7 +444,9 @@ def test_distilled_answers_follow_the_base_not_the_gold_label():
     gold = Sample([("ids", [1, 5, 6, 7])], [13], lm=False)
     other = Sample([("ids", [1, 8, 9, 10, 11, 12])], [14, 15], lm=False, distill=True)
     _, info = batch_loss(inner, [gold, other], {}, base_off=pm.disable_adapter)
-    assert info["distill_kl"] == pytest.approx(0.0, abs=1e-9)
+    # zero up to float32 round-off (the base runs on the cut sub-batch, the model on the padded batch;
+    # -7.5e-9 measured on one CPU): four orders of magnitude below the perturbed KL checked next
+    assert info["distill_kl"] == pytest.approx(0.0, abs=1e-6)
     _perturb_lora(pm)
     loss, info = batch_loss(inner, [gold, other], {}, base_off=pm.disable_adapter)
     o, ob = _states(pm, inner, [[1, 5, 6, 7, 13], [1, 8, 9, 10, 11, 12, 14, 15]])
