@@ -19,7 +19,6 @@ from ui import links, routes, session_io, state  # noqa: E402
 from ui.widgets import guard  # noqa: E402
 
 
-
 def sidebar() -> None:
     with st.sidebar:
         st.markdown("### Workspace")

@@ -12,9 +12,9 @@ page, showed "Page not found" and only then reached the page.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import streamlit as st
+
+from ui.roots import ROOT
 
 # (file in pages/, title, icon); the first is the default page
 PAGE_FILES = [
@@ -56,7 +56,7 @@ def through_app() -> None:
     run rather than by a rerun, so a button press carried by this run is not lost."""
     if not _folder_routing():
         return
-    app_path = Path(__file__).resolve().parents[1] / "app.py"
+    app_path = ROOT / "app.py"
     code = compile(app_path.read_text(encoding="utf-8"), str(app_path), "exec")
     exec(code, {"__name__": "__main__", "__file__": str(app_path)})  # noqa: S102 (the app's own entry script)
     st.stop()

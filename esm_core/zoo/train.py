@@ -253,6 +253,7 @@ def batch_loss(lm, samples: list[Sample], soft: dict[str, SoftModality], *, lm_f
         info["distill_kl"] = float(kl.detach())
     if use_keep:
         km = keep_mask[sub_t, :cut]
+        mine_states = [h[sub_t, :cut] for h in out.hidden_states[1:]]  # the base's rows and length, once per block
         terms, pool_terms = [], []
         for j in range(int(km.max()) + 1):
             sel = km == j
@@ -262,8 +263,7 @@ def batch_loss(lm, samples: list[Sample], soft: dict[str, SoftModality], *, lm_f
             cnt = w.sum(1)
             has = cnt > 0
             pool_ok = keep_pool_weight > 0 and int(has.sum()) >= 4
-            for h, hb in zip(out.hidden_states[1:], ref_out.hidden_states[1:]):
-                h = h[sub_t, :cut]
+            for h, hb in zip(mine_states, ref_out.hidden_states[1:]):
                 hs, hbs = h[sel], hb[sel]
                 var = hbs.var(0, unbiased=False).clamp_min(1e-6)
                 terms.append(((hs - hbs).pow(2) / var).mean())
