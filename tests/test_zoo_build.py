@@ -196,6 +196,97 @@ def test_tiny_zoo_builds_loads_and_answers(tmp_path):
     with pytest.raises(ESMError, match="already exists"):
         build_zoo(out, cfg, progress=False, log=lambda m: None)
 
+    # rebuild one stage on this zoo: the others are copied byte for byte, the zoo read is left as it was, and the
+    # rebuilt stage (same seeds, same settings, same machine) comes out the same
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    again = build_zoo(tmp_path / "zoo2", cfg, progress=False, log=lambda m: None, evaluate=False, reuse=out,
+                      stages=("protein",))
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+    for sub in ("base", "molecule", "molecule_encoder", "cell"):
+        for f in (out / sub).iterdir():
+            assert (again / sub / f.name).read_bytes() == f.read_bytes(), f
+    new_ad = read_adapter(again / "protein", "protein")
+    assert all(torch.equal(t, new_ad.tensors[k]) for k, t in ads[1].tensors.items())
+    info2 = json.loads((again / "build.json").read_text())
+    assert info2["reused"]["stages"] == ["base", "molecule", "cell"] and info2["reused"]["from"] == str(out)
+    assert info2["base_history"] == info["base_history"] and "protein_history" in info2
+
+
+def _reuse_cases():
+    from esm_core.zoo.build import BuildConfig
+
+    tiny = BuildConfig.tiny()
+    other_rank = BuildConfig.tiny()
+    other_rank.lora_r = 4
+    other_base = BuildConfig.tiny()
+    other_base.layers = 3
+    return [
+        (("base",), tiny, "a new base is a new zoo"),
+        (("molecule",), tiny, "rebuild them too"),
+        (("protein", "dna"), tiny, "name one or more of base, molecule, protein, cell"),
+        ((), tiny, "name one or more"),
+        (("protein",), other_rank, "its molecule stage was built with other settings than this build's (lora_r: 2 vs 4"),
+        (("protein", "cell"), other_base, "its base stage was built with other settings than this build's (layers: 2 vs 3)"),
+    ]
+
+
+@pytest.mark.parametrize("stages,cfg,msg", _reuse_cases())
+def test_partial_rebuild_refusals(tmp_path, stages, cfg, msg):
+    """A partial rebuild that would mix stages built differently is refused before any work."""
+    import dataclasses
+
+    from esm_core.zoo.build import BuildConfig, build_zoo
+
+    old = tmp_path / "old"
+    (old / "base").mkdir(parents=True)
+    (old / "build.json").write_text(json.dumps({"config": dataclasses.asdict(BuildConfig.tiny())}))
+    with pytest.raises(ESMError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        build_zoo(tmp_path / "new", cfg, reuse=old, stages=stages, progress=False, log=lambda m: None)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("reuse,stages,msg", [
+    ("missing", ("protein",), "not a zoo written by `zoo build`"),
+    (None, ("protein",), "--stages needs --reuse"),
+])
+def test_partial_rebuild_needs_a_built_zoo(tmp_path, reuse, stages, msg):
+    from esm_core.zoo.build import BuildConfig, build_zoo
+
+    with pytest.raises(ESMError, match=msg):
+        build_zoo(tmp_path / "new", BuildConfig.tiny(), reuse=tmp_path / reuse if reuse else None, stages=stages,
+                  progress=False, log=lambda m: None)
+    assert not (tmp_path / "new").exists()
+
+
+def test_contrast_pools_make_the_asked_residue_absent_or_frequent():
+    from esm_core.zoo.skills import AMINO_ACIDS, SKILL_BY_NAME, Pools, contrast_pools, demo_pools, skills_of
+
+    r = random.Random(1)
+    pools = demo_pools(load_demo(), "train")
+    pools = Pools({**pools.rows, "protein": pools.rows["protein"]
+                   + [{"sequence": "".join(r.choice(AMINO_ACIDS) for _ in range(80))} for _ in range(400)]})
+    skills = skills_of("protein")
+    marks = [s.residue for s in skills]
+    assert sorted(marks) == ["C", "H", "W"]
+    rate = 0.15
+    rich = contrast_pools(pools, skills, random.Random(0), rate)
+    assert rich.rows["molecule"] is pools.rows["molecule"] and rich.rows["cell"] is pools.rows["cell"]
+    assert contrast_pools(pools, skills_of("cell"), random.Random(0), rate) is pools
+    n = len(pools.rows["protein"])
+    for s in skills:
+        pos, neg = rich.labelled(s)
+        assert len(pos) + len(neg) == n and 0.4 < len(pos) / n < 0.6  # a fair coin per row and residue
+        for i in neg:
+            assert s.residue not in rich.rows["protein"][i]["sequence"]
+        share = [rich.rows["protein"][i]["sequence"].count(s.residue) / len(rich.rows["protein"][i]["sequence"])
+                 for i in pos]
+        assert rate * 0.6 < sum(share) / len(share) < rate * 1.5  # frequent: ~rate on average (plus natural ones)
+        assert SKILL_BY_NAME[s.name].label(rich.rows["protein"][pos[0]]) == "Yes"
+    for a, b in zip(pools.rows["protein"], rich.rows["protein"]):
+        assert len(a["sequence"]) == len(b["sequence"])
+        keep = [x == y for x, y in zip(a["sequence"], b["sequence"]) if x not in marks]
+        assert sum(keep) / max(1, len(keep)) > 0.4  # the rest of the sequence is the natural one, mostly
+
 
 def _report(acc: dict):
     """A SkillReport from {(model, modality): accuracy}, two skills per modality at that accuracy."""

@@ -38,6 +38,10 @@ def _add(p: argparse.ArgumentParser) -> None:
     b.add_argument("--demo", default=None, help="Demo CSV directory (default assets/demo).")
     b.add_argument("--no-public", action="store_true", help="Do not read public/ proteins for training.")
     b.add_argument("--no-eval", action="store_true", help="Skip the held-out skill measurement (SKILLS.md).")
+    b.add_argument("--reuse", default=None, metavar="ZOO", help="Take every stage not named in --stages from this "
+                   "built zoo (read only; its stages must have been built with the same settings).")
+    b.add_argument("--stages", default=None, help="With --reuse: comma-separated specialist stages to rebuild "
+                   "(molecule, protein, cell; molecule needs all three).")
     b.add_argument("--no-progress", action="store_true")
 
     s = sub.add_parser("skills", help="Held-out skill accuracies: base, specialists, merged adapters.")
@@ -82,7 +86,8 @@ def _build(args) -> int:
         cfg.use_public = False
     t0 = time.perf_counter()
     path = build_zoo(args.out, cfg, demo_dir=args.demo, data_dir=args.data_dir, overwrite=args.overwrite,
-                     progress=not args.no_progress, evaluate=not args.no_eval)
+                     progress=not args.no_progress, evaluate=not args.no_eval, reuse=args.reuse,
+                     stages=tuple(x.strip() for x in args.stages.split(",") if x.strip()) if args.stages else None)
     print(f"zoo built in {time.perf_counter() - t0:.0f} s -> {path}")
     skills = path / "SKILLS.md"
     if skills.is_file():

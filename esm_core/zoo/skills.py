@@ -113,6 +113,9 @@ class Skill:
     fact: Callable[[dict], bool | None]
     source: str  # where the answer comes from, for the tables
     labels: tuple[str, str] = YES_NO
+    # a protein skill that asks whether one residue is present: its letter (the builder's contrast warm-up,
+    # contrast_pools, makes that residue absent or frequent)
+    residue: str | None = None
 
     def label(self, row: dict) -> str | None:
         v = self.fact(row)
@@ -137,11 +140,11 @@ SKILLS: tuple[Skill, ...] = (
     Skill("mol_hydration", "molecule", "Is the measured hydration free energy below -4 kcal/mol?",
           _hfe, "FreeSolv experimental value"),
     Skill("prot_trp", "protein", "Does the sequence contain tryptophan (W)?",
-          lambda r: "W" in r["sequence"], "sequence"),
+          lambda r: "W" in r["sequence"], "sequence", residue="W"),
     Skill("prot_cys", "protein", "Does the sequence contain cysteine (C)?",
-          lambda r: "C" in r["sequence"], "sequence"),
+          lambda r: "C" in r["sequence"], "sequence", residue="C"),
     Skill("prot_his", "protein", "Does the sequence contain histidine (H)?",
-          lambda r: "H" in r["sequence"], "sequence"),
+          lambda r: "H" in r["sequence"], "sequence", residue="H"),
     Skill("cell_t", "cell", "Is this cell a T cell?", _pbmc(set(("CD4+/CD25 T Reg", "CD8+ Cytotoxic T",
           "CD8+/CD45RA+ Naive Cytotoxic", "CD4+/CD45RO+ Memory", "CD4+/CD45RA+/CD25- Naive T"))),
           "PBMC 68k annotation"),
@@ -189,6 +192,39 @@ EXTRA_SKILLS: tuple[Skill, ...] = (
 
 
 SKILL_BY_NAME = {s.name: s for s in SKILLS + EXTRA_SKILLS}
+
+
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def contrast_pools(pools: Pools, skills: list[Skill], rng: random.Random, rate: float) -> Pools:
+    """The pools with every protein row rewritten, for each residue skill, so that its residue is either absent
+    (each occurrence replaced by a random other residue, none of the skills' residues) or frequent (each position
+    turned into it with probability uniform in [rate/2, 3 rate/2]); a coin per row and residue. The facts follow
+    the rewritten sequence (Pools.labelled recomputes them).
+
+    A presence question hinges on one residue among a prompt's ~290 tokens; on natural sequences a fresh LoRA
+    gets no first-order signal from it. On contrast rows, attention spread evenly over the query already
+    carries the answer (builder: contrast_questions).
+    """
+    marks = [s.residue for s in skills if s.residue]
+    if not marks:
+        return pools
+    fill = [a for a in AMINO_ACIDS if a not in marks]
+
+    def rewrite(seq: str) -> str:
+        out = list(seq)
+        for x in marks:
+            if rng.random() < 0.5:
+                out = [rng.choice(fill) if c == x else c for c in out]
+            else:
+                f = rng.uniform(rate * 0.5, rate * 1.5)
+                out = [x if rng.random() < f else c for c in out]
+        return "".join(out)
+
+    rows = {m: ([dict(r, sequence=rewrite(r["sequence"])) for r in rs] if m == "protein" else rs)
+            for m, rs in pools.rows.items()}
+    return Pools(rows)
 
 
 def skills_of(modality: str) -> list[Skill]:
