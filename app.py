@@ -15,7 +15,7 @@ import streamlit as st
 
 st.set_page_config(page_title="ES-Merging workbench", page_icon=":material/hub:", layout="wide")
 
-from ui import links, routes, session_io, state  # noqa: E402
+from ui import heap, links, routes, session_io, state  # noqa: E402
 from ui.widgets import guard  # noqa: E402
 
 
@@ -47,3 +47,4 @@ nav.run()
 sidebar()  # after the page, so it shows what the page just computed
 with guard():
     links.publish()  # the address bar follows the view
+heap.freeze_long_lived()  # once per process, after its first run (ui/heap.py)
