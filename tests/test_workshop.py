@@ -73,32 +73,3 @@ def test_heap_freeze_runs_once_and_takes_the_libraries_out_of_full_collections()
     assert abs(r["first"]["objects"] - r["frozen"]) < 100  # frozen objects can still be freed by reference count
     assert r["frozen"] > 200_000  # torch, transformers, peft, plotly ... (~560,000 here)
     assert r["walked"] < r["frozen"] / 20  # what a full collection still walks
-
-
-@pytest.mark.parametrize("env,expect", [(None, 5), ("7", 7), ("0", None), ("junk", 5), ("99", 19)])
-def test_script_threads_run_below_the_event_loop(monkeypatch, env, expect):
-    """ui/threads.py: a script thread lowers its own priority (per-thread nice on Linux) and no other thread's."""
-    import os
-    import threading
-
-    from ui import threads
-
-    if env is None:
-        monkeypatch.delenv("ESM_SCRIPT_NICE", raising=False)
-    else:
-        monkeypatch.setenv("ESM_SCRIPT_NICE", env)
-    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    got = {}
-
-    def run():
-        got["ret"] = threads.lower_this_thread()
-        got["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
-    if expect is None:
-        assert got["ret"] is None and got["nice"] == main_before
-    else:
-        assert got["ret"] == got["nice"] == max(expect, main_before)
