@@ -40,6 +40,7 @@ import torch
 
 from esm_core.answering.prompts import Example, Item, few_shot_prompt
 from esm_core.encoders import SoftTokenEncoder, SoftTokenProjector, morgan_fingerprint
+from esm_core.errors import ESMError
 from esm_core.io import Input, package_versions, reserve_output
 from esm_core.models import prepare_transformers
 from esm_core.paths import DEMO_DIR
@@ -61,12 +62,12 @@ from esm_core.zoo.scoring import measure_skills
 from esm_core.zoo.skills import (
     MODALITIES,
     PREFIX,
-    contrast_pools,
     SEPARATOR,
+    contrast_pools,
     demo_pools,
     heldout_skill_sets,
-    sample_question,
     raw_of,
+    sample_question,
     shown_text,
     skills_of,
 )
@@ -597,8 +598,6 @@ def _stage_settings(config: dict, stage: str) -> dict:
 
 def check_reuse(reuse: Path, stages: tuple[str, ...], cfg: BuildConfig) -> dict:
     """Refuse (ESMError) a partial rebuild that would mix incompatible stages; returns the reused build.json."""
-    from esm_core.errors import ESMError
-
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
         raise ESMError(f"--stages {','.join(stages) or '(none)'}: name one or more of {', '.join(STAGES)}.")
@@ -626,6 +625,10 @@ def check_reuse(reuse: Path, stages: tuple[str, ...], cfg: BuildConfig) -> dict:
     return old
 
 
+# build.json entries about the whole build, not one stage (written afresh by every build)
+_BUILD_WIDE = {"config", "pool_sizes", "reused", "build_s", "skills", "failed_checks", "eval_s", "data", "packages", "log"}
+
+
 def _copy_stages(src: Path, dst: Path, stages: tuple[str, ...]) -> None:
     import shutil
 
@@ -635,13 +638,6 @@ def _copy_stages(src: Path, dst: Path, stages: tuple[str, ...]) -> None:
         names = {"base": ["base"], "molecule": ["molecule", "molecule_encoder"]}.get(stage, [stage])
         for n in names:
             shutil.copytree(src / n, dst / n)
-
-
-def _stage_info(old: dict, stage: str) -> dict:
-    keys = {"base": ("tokenizer_s", "base_train_s", "base_history", "vocab", "base_parameters"),
-            "molecule": ("molecule_train_s", "molecule_history", "molecule_encoder_pretrain")}.get(
-        stage, (f"{stage}_train_s", f"{stage}_history"))
-    return {k: old[k] for k in keys if k in old}
 
 
 def build_zoo(out_dir: str | Path, cfg: BuildConfig | None = None, *, demo_dir: str | Path | None = None,
@@ -662,8 +658,6 @@ def build_zoo(out_dir: str | Path, cfg: BuildConfig | None = None, *, demo_dir: 
         reuse = Path(reuse).resolve()
         old = check_reuse(reuse, tuple(stages or ()), cfg)
     elif stages:
-        from esm_core.errors import ESMError
-
         raise ESMError("--stages needs --reuse ZOO: the zoo whose other stages this build takes.")
     todo = tuple(stages) if old is not None else STAGES
     inputs = [Input(str(demo_dir), "demo data directory")]
@@ -695,8 +689,8 @@ def build_zoo(out_dir: str | Path, cfg: BuildConfig | None = None, *, demo_dir: 
             info["reused"] = {"from": str(reuse), "stages": [s for s in STAGES if s not in todo],
                               "build_json_sha256": _sha_file(reuse / "build.json"),
                               "their_packages": old.get("packages")}
-            for stage in info["reused"]["stages"]:
-                info.update(_stage_info(old, stage))
+            # the reused stages' timings and histories; the stages built below overwrite their own entries
+            info.update({k: v for k, v in old.items() if k not in _BUILD_WIDE})
             _log(f"stages {', '.join(info['reused']['stages'])} taken from {reuse}; building {', '.join(todo)}")
         if "base" in todo:
             info.update(build_base(tmp, pools, cfg, progress, _log))
