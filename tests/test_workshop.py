@@ -39,6 +39,31 @@ def test_three_sessions_at_once(world, app_run_yaml, tmp_path):
     # timing figures (health, waits) are the benchmark's to print, not this test's to assert
 
 
+def test_client_browsers_cannot_undo_their_lower_priority(tmp_path):
+    """bench_workshop.client_browser: what the wrapper starts runs at the given nice and cannot raise its
+    priority again (chromium, as root, set its renderers back to nice 0 and its compositor threads to -8, and
+    the room's own browsers took the server's cores). A Python stands in for chromium; it tries what chromium
+    does."""
+    import subprocess
+
+    from bench_workshop import client_browser
+
+    wrapper = client_browser(10, tmp_path, binary=sys.executable)
+    code = ("import os\n"
+            "before = os.getpriority(os.PRIO_PROCESS, 0)\n"
+            "try:\n"
+            "    os.setpriority(os.PRIO_PROCESS, 0, -8)\n"
+            "    raised = True\n"
+            "except PermissionError:\n"
+            "    raised = False\n"
+            "print(before, raised, os.getpriority(os.PRIO_PROCESS, 0))\n")
+    out = subprocess.run([wrapper, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, raised, after = out.stdout.split()
+    assert int(before) >= 10 and raised == "False" and int(after) == int(before), out.stdout
+    assert client_browser(0, tmp_path, binary=sys.executable) == sys.executable  # equal priority: no wrapper
+
+
 def test_server_config_keeps_the_event_loop_free():
     """The two server settings the room's health figures depend on (bench/bench_workshop.py): no source
     watcher walking every imported module, and no full garbage collection (GIL held ~0.5 s) after every
