@@ -98,3 +98,65 @@ def test_heap_freeze_runs_once_and_takes_the_libraries_out_of_full_collections()
     assert abs(r["first"]["objects"] - r["frozen"]) < 100  # frozen objects can still be freed by reference count
     assert r["frozen"] > 200_000  # torch, transformers, peft, plotly ... (~560,000 here)
     assert r["walked"] < r["frozen"] / 20  # what a full collection still walks
+
+
+@pytest.mark.parametrize("env,expect", [(None, 5), ("", 5), ("7", 7), ("0", None), ("junk", 5), ("99", 19),
+                                        ("-3", None)])
+def test_script_threads_run_below_the_event_loop(monkeypatch, env, expect):
+    """ui/threads.py: a script thread lowers its own priority (per-thread nice on Linux) and no other thread's;
+    ESM_SCRIPT_NICE sets how far (0 or less: not at all; out of range: clipped; not a number: the default)."""
+    import threading
+
+    from ui import threads
+
+    if env is None:
+        monkeypatch.delenv("ESM_SCRIPT_NICE", raising=False)
+    else:
+        monkeypatch.setenv("ESM_SCRIPT_NICE", env)
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    got = {}
+
+    def run():
+        got["ret"] = threads.lower_this_thread()
+        got["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before  # the caller's thread only
+    if expect is None:
+        assert got["ret"] is None and got["nice"] == main_before
+    else:
+        assert got["ret"] == got["nice"] == max(expect, main_before)
+
+
+def test_torch_workers_of_a_script_thread_inherit_its_priority():
+    """The docstring's claim: torch's intra-op worker, created for the thread that runs a parallel operation,
+    runs at that thread's nice (a fresh process, so no worker exists before)."""
+    import subprocess
+
+    code = ("import os, threading, torch\n"
+            "from ui import threads\n"
+            "torch.set_num_threads(2)\n"
+            "def nices():\n"
+            "    out = []\n"
+            "    for t in os.listdir('/proc/self/task'):\n"
+            "        with open(f'/proc/self/task/{t}/stat') as f:\n"
+            "            out.append(int(f.read().rsplit(')', 1)[1].split()[16]))\n"
+            "    return out\n"
+            "seen = {}\n"
+            "def run():\n"
+            "    threads.lower_this_thread(6)\n"
+            "    a = torch.randn(512, 512)\n"
+            "    for _ in range(5):\n"
+            "        (a @ a).sum()\n"
+            "        torch.randn(1 << 18).exp_().sum()\n"
+            "    seen['n'] = nices()\n"
+            "t = threading.Thread(target=run); t.start(); t.join()\n"
+            "print(seen['n'].count(6), os.getpriority(os.PRIO_PROCESS, 0))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, ESM_SCRIPT_NICE="6"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    at_six, main_nice = (int(x) for x in out.stdout.split())
+    assert main_nice != 6
+    assert at_six >= 2, out.stdout  # the script thread and the worker it started
