@@ -131,11 +131,18 @@ def client_browser(nice: int, where: Path, binary: str = CHROMIUM) -> str:
     In a workshop every attendee's browser runs on their own machine; here all N run on the server's 2 cores,
     and at equal priority they take the cores from the server under test.
 
-    Chromium sets its own processes' and threads' priorities (renderers back to nice 0, its compositor and IO
-    threads to -8); as root it may raise them past the wrapper's nice, and did: measured here, the server's
-    event loop then sat runnable on the run queue for 0.4-1.5 s while chromium threads at nice 0 / -8 held both
-    cores. So the wrapper also drops CAP_SYS_NICE from the browser's process tree (``setpriv``): it can lower
-    its priority further, never raise it. ``browser_nice`` reports what the browsers really ran at."""
+    Two things undid a plain ``nice -n``, both measured here (the server's event loop sat runnable on the run
+    queue for 0.4-1.5 s while the browsers held both cores):
+
+    - Playwright starts the browser in a session of its own, and with the kernel's autogroups (Linux's default
+      for desktop kernels; ``/proc/sys/kernel/sched_autogroup_enabled``) each session is one scheduling group
+      with an equal share of the CPU, whatever its threads' nice values: the browsers got half the machine. The
+      wrapper, as the leader of that session, sets the group's own nice (``/proc/self/autogroup``).
+    - Chromium sets its processes' and threads' priorities itself (renderers back to nice 0, its compositor and
+      IO threads to -8), and as root it may raise them. The wrapper drops CAP_SYS_NICE from the browser's process
+      tree (``setpriv``): it can lower its priority further, never raise it.
+
+    ``browser_nice`` reports what the browsers really ran at."""
     if nice <= 0:
         return binary
     w = where / "chromium_nice.sh"
@@ -145,23 +152,42 @@ def client_browser(nice: int, where: Path, binary: str = CHROMIUM) -> str:
             raise RuntimeError("running as root, the browsers would undo --client-nice without setpriv "
                                "(util-linux); install it or pass --client-nice 0")
         drop = "setpriv --inh-caps -sys_nice --bounding-set -sys_nice "
-    w.write_text(f"#!/bin/sh\nexec nice -n {int(nice)} {drop}{shlex.quote(binary)} \"$@\"\n")
+    n = int(nice)
+    w.write_text("#!/bin/sh\n"
+                 "# only as the leader of a session of its own (as Playwright starts it): its autogroup is the browser's\n"
+                 "if [ -w /proc/self/autogroup ] && [ \"$(cut -d' ' -f6 /proc/$$/stat)\" = \"$$\" ]; then\n"
+                 f"  echo {n} > /proc/self/autogroup\n"
+                 "fi\n"
+                 f"exec nice -n {n} {drop}{shlex.quote(binary)} \"$@\"\n")
     w.chmod(0o755)
     return str(w)
 
 
+def autogroup_nice(pid: int | str = "self") -> int | None:
+    """The nice value of a process's scheduling autogroup, None where the kernel has no autogroups."""
+    try:
+        with open(f"/proc/{pid}/autogroup") as f:
+            return int(f.read().split("nice")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def browser_nice() -> int | None:
-    """The lowest nice value (highest priority) of any thread of a running chromium process, None if none runs."""
+    """The lowest nice value (highest priority) of any thread of a running chromium process, or of the autogroup
+    it runs in, None if none runs."""
     lowest = None
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             if not os.readlink(f"/proc/{pid}/exe").startswith("/usr/lib/chromium/"):
                 continue
+            values = []
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    ni = int(f.read().rsplit(")", 1)[1].split()[16])
-                lowest = ni if lowest is None else min(lowest, ni)
-        except OSError:  # gone meanwhile, or not ours to read
+                    values.append(int(f.read().rsplit(")", 1)[1].split()[16]))
+            group = autogroup_nice(pid)
+            values += [] if group is None else [group]
+            lowest = min([*values, *([] if lowest is None else [lowest])])
+        except (OSError, ValueError):  # gone meanwhile, or not ours to read
             continue
     return lowest
 
@@ -334,7 +360,7 @@ def print_room(res: dict, n: int) -> None:
     w = res["warm_up_s"]
     warm = "cold server" if w is None else f"after the instructor's first visit ({w:.0f} s)"
     print(f"{n} sessions, {res['wall_s']:.0f} s wall, browsers at nice {res['client_nice']} (lowest nice seen on a "
-          f"browser thread: {res['browser_nice_lowest']}), {warm}")
+          f"browser thread or its autogroup: {res['browser_nice_lowest']}), {warm}")
     print("session  selection                 wait_s  how       digest            solo equal  errors  lesson")
     for r in res["sessions"]:
         print(f"{r['session']:>7}  {r['selection']:<24} {r.get('wait_s', float('nan')):7.1f}  {r.get('how', '-'):<8}  "

@@ -41,12 +41,14 @@ def test_three_sessions_at_once(world, app_run_yaml, tmp_path):
 
 def test_client_browsers_cannot_undo_their_lower_priority(tmp_path):
     """bench_workshop.client_browser: what the wrapper starts runs at the given nice and cannot raise its
-    priority again (chromium, as root, set its renderers back to nice 0 and its compositor threads to -8, and
-    the room's own browsers took the server's cores). A Python stands in for chromium; it tries what chromium
-    does."""
+    priority again (chromium, as root, set its renderers back to nice 0 and its compositor threads to -8). Started
+    in a session of its own, as Playwright starts the browser, its scheduling autogroup runs at that nice too
+    (else the browsers' session took half the machine whatever their threads' nice); started inside the
+    caller's session it leaves the caller's autogroup alone. A Python stands in for chromium; it tries what
+    chromium does."""
     import subprocess
 
-    from bench_workshop import client_browser
+    from bench_workshop import autogroup_nice, client_browser
 
     wrapper = client_browser(10, tmp_path, binary=sys.executable)
     code = ("import os\n"
@@ -56,11 +58,21 @@ def test_client_browsers_cannot_undo_their_lower_priority(tmp_path):
             "    raised = True\n"
             "except PermissionError:\n"
             "    raised = False\n"
-            "print(before, raised, os.getpriority(os.PRIO_PROCESS, 0))\n")
-    out = subprocess.run([wrapper, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr[-2000:]
-    before, raised, after = out.stdout.split()
-    assert int(before) >= 10 and raised == "False" and int(after) == int(before), out.stdout
+            "try:\n"
+            "    group = open('/proc/self/autogroup').read().split('nice')[1].strip()\n"
+            "except OSError:\n"
+            "    group = 'none'\n"
+            "print(before, raised, os.getpriority(os.PRIO_PROCESS, 0), group)\n")
+    mine = autogroup_nice()
+    for own_session in (True, False):
+        out = subprocess.run([wrapper, "-c", code], capture_output=True, text=True, timeout=60,
+                             start_new_session=own_session)
+        assert out.returncode == 0, out.stderr[-2000:]
+        before, raised, after, group = out.stdout.split()
+        assert int(before) >= 10 and raised == "False" and int(after) == int(before), out.stdout
+        if mine is not None:
+            assert int(group) == (10 if own_session else mine), (own_session, out.stdout)
+        assert autogroup_nice() == mine  # the caller's group is never touched
     assert client_browser(0, tmp_path, binary=sys.executable) == sys.executable  # equal priority: no wrapper
 
 
