@@ -15,7 +15,7 @@ import streamlit as st
 
 st.set_page_config(page_title="ES-Merging workbench", page_icon=":material/hub:", layout="wide")
 
-from ui import heap, links, routes, session_io, state, threads  # noqa: E402
+from ui import heap, links, routes, session_io, state  # noqa: E402
 from ui.widgets import guard  # noqa: E402
 
 
@@ -40,7 +40,6 @@ def sidebar() -> None:
         session_io.session_panel()
 
 
-threads.lower_this_thread()  # the event loop (health, websockets) before script threads (ui/threads.py)
 with guard():
     links.restore()  # a link's settings and probe rows, once per session
 nav = st.navigation(routes.pages())
