@@ -91,8 +91,8 @@ def test_heap_freeze_runs_once_and_takes_the_libraries_out_of_full_collections()
     """ui/heap.py: after the first script run's freeze, a full collection walks only what was made since (the
     libraries' objects sit in the permanent generation), and later calls do nothing. A fresh process, so the
     freeze counts only what it imported."""
+    import json
     import subprocess
-    import sys
 
     code = ("import gc, json\n"
             "from ui import heap\n"
@@ -103,8 +103,6 @@ def test_heap_freeze_runs_once_and_takes_the_libraries_out_of_full_collections()
             "                  'walked': sum(len(gc.get_objects(g)) for g in range(3)), 'state': heap.frozen()}))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    import json
-
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["again"] is None and r["first"] == r["state"]
     assert abs(r["first"]["objects"] - r["frozen"]) < 100  # frozen objects can still be freed by reference count
