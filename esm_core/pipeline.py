@@ -13,6 +13,7 @@ need a new pass over the probes.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +31,12 @@ from esm_core.coefficients import (
     stack_scores,
     swd_matrix,
 )
-from esm_core.config import MethodConfig, changed_fields, fields_of_stage, stage_of_change
+from esm_core.config import MethodConfig, changed_fields, stage_of_change
 from esm_core.cost import Cost, estimate_cost
 from esm_core.encoders import build_encoder
 from esm_core.errors import ESMError
 from esm_core.models import SpecialistSet, load_models
-from esm_core.probes import ProbeBatcher, ProbeSet, build_probes
+from esm_core.probes import ProbeBatcher, ProbeSet, build_probes, capped_encoders, probe_key, set_caps
 from esm_core.progress import ProgressFn
 from esm_core.runspec import RunSpec
 from esm_core.samples import read_table
@@ -83,14 +84,23 @@ class ESResult:
 
 # ------------------------------------------------------------------------------------ workspace
 class Workspace:
-    """A loaded run: one base with K adapters, one encoder per modality, the probe set."""
+    """A loaded run: one base with K adapters, one encoder per modality, the probe set.
+
+    Probe batchers are built per probe setting and kept (the last few): each has its own view of the
+    encoders capped for its config (``capped_encoders``), so building one never changes another's
+    embeddings, and building needs no turn on the shared model, only this workspace's own lock. The
+    workspace's ``encoders`` themselves keep the caps of the config it was made with (what answering uses)."""
+
+    BATCHERS_KEPT = 4  # probe settings whose batchers are kept (each holds its probes' token layouts)
 
     def __init__(self, spec: RunSpec, sset: SpecialistSet, encoders: dict, probes: ProbeSet | None = None):
         self.spec = spec
         self.sset = sset
         self.encoders = encoders
         self.probes = probes
-        self._batcher: ProbeBatcher | None = None
+        self._lock = threading.RLock()  # raw samples, probes and the batchers; never held while waiting for the model
+        self._batchers: dict[str, ProbeBatcher] = {}  # by probe-setting key, least recently used first
+        self._batcher_cfg: MethodConfig | None = None
 
     @classmethod
     def from_spec(cls, spec: RunSpec, samples: dict[str, list] | None = None, sset: SpecialistSet | None = None,
@@ -104,6 +114,7 @@ class Workspace:
             sset, encoders = load_models(spec)
         else:
             encoders = {m.name: build_encoder(m.encoder, sset) for m in spec.modalities}
+        set_caps(encoders, spec.modalities, spec.method)
         ws = cls(spec, sset, encoders)
         if with_samples:
             ws.set_samples(samples if samples is not None else read_probe_samples(spec))
@@ -111,30 +122,32 @@ class Workspace:
 
     def set_samples(self, samples: dict[str, list], cfg: MethodConfig | None = None) -> None:
         cfg = cfg or self.spec.method
-        for m in self.spec.modalities:
-            enc = self.encoders[m.name]
-            if hasattr(enc, "max_tokens"):
-                enc.max_tokens = min(cfg.max_modality_tokens, m.max_tokens or cfg.max_modality_tokens)
-        self.raw_samples = samples
-        self.probes = build_probes(samples, self.spec.modalities, cfg)
-        self._batcher = None
-        self._batcher_cfg = cfg
+        probes = build_probes(samples, self.spec.modalities, cfg)  # refuses bad samples before anything changes
+        with self._lock:
+            self.raw_samples = samples
+            self.probes = probes
+            self._batchers.clear()
+            self._batcher_cfg = cfg
 
     def batcher(self, cfg: MethodConfig | None = None) -> ProbeBatcher:
-        """The probe batcher for cfg. Rebuilding it re-caps the shared encoders: callers that use the
-        batcher while other threads may ask for another config hold ``sset.exclusive`` around both."""
-        cfg = cfg or self.spec.method
-        with self.sset.exclusive("building probes"):
-            if self._batcher is None or self._needs_new_probes(cfg):
-                if self._needs_new_probes(cfg):
-                    self.set_samples(self.raw_samples, cfg)
-                self._batcher = ProbeBatcher(self.sset, self.encoders, self.probes, cfg)
-                self._batcher_cfg = cfg
-            return self._batcher
+        """The probe batcher for cfg, built once per probe setting (the last ``BATCHERS_KEPT`` kept).
 
-    def _needs_new_probes(self, cfg: MethodConfig) -> bool:
-        old = self._batcher_cfg
-        return bool(changed_fields(old, cfg) & fields_of_stage("probes", config=type(cfg)))
+        Safe from any thread: a batcher's encoders are capped for its own config, so one built for another
+        setting meanwhile leaves it as it was; nothing here waits for the shared model."""
+        cfg = cfg or self.spec.method
+        key = probe_key(cfg)
+        with self._lock:
+            b = self._batchers.pop(key, None)
+            if b is None:
+                probes = self.probes
+                if self._batcher_cfg is None or probe_key(self._batcher_cfg) != key:
+                    probes = build_probes(self.raw_samples, self.spec.modalities, cfg)
+                b = ProbeBatcher(self.sset, capped_encoders(self.encoders, self.spec.modalities, cfg), probes, cfg)
+                while len(self._batchers) >= self.BATCHERS_KEPT:
+                    self._batchers.pop(next(iter(self._batchers)))
+            self._batchers[key] = b  # most recently used last
+            self.probes, self._batcher_cfg = b.probes, cfg
+            return b
 
 
 def read_probe_samples(spec: RunSpec) -> dict[str, list]:
@@ -165,11 +178,11 @@ def cost_of(ws: Workspace, cfg: MethodConfig | None = None) -> Cost:
 def estimate(ws: Workspace, cfg: MethodConfig | None = None, *, progress: ProgressFn | None = None) -> ESResult:
     """Full ES-Merging coefficient estimation on a workspace."""
     cfg = cfg or ws.spec.method
+    batcher = ws.batcher(cfg)  # this config's own probes and capped encoders: no turn on the model needed
+    cost = cost_of(ws, cfg)
     t_ask = time.perf_counter()
-    with ws.sset.exclusive("estimation"):  # the probes and encoders of this config, then the passes
-        cost = cost_of(ws, cfg)
+    with ws.sset.exclusive("estimation"):  # hooks, grad flags and the active adapter live on the shared model
         t0 = time.perf_counter()
-        batcher = ws.batcher(cfg)
         need_element = cfg.mode != "layer"
         sig = compute_signals(ws.sset, batcher, cfg, need_element=need_element, progress=progress)
     shapes = {k: tuple(v.shape) for k, v in ws.sset.adapters[ws.sset.names[0]].tensors.items()}

@@ -16,12 +16,14 @@ hidden states (esm_core/states.py).
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
+from esm_core.config import fields_of_stage
 from esm_core.errors import ESMError
 from esm_core.progress import ProgressFn
 from esm_core.samples import SampleReport, validate
@@ -359,3 +361,33 @@ def _require_offsets(tok) -> None:
     if not getattr(tok, "is_fast", False):
         raise ESMError(f"The tokenizer ({type(tok).__name__}) gives no character offsets, which probe spans need.",
                        fix="save the tokenizer as tokenizer.json (a fast tokenizer) next to the model.")
+
+
+# ------------------------------------------------------------------------------------ caps per config
+def probe_key(cfg) -> str:
+    """What a config's probes and their batcher depend on (its probe-stage settings)."""
+    return cfg.fingerprint(*sorted(fields_of_stage("probes", config=type(cfg))))
+
+
+def modality_cap(m, cfg) -> int:
+    """The token cap of a modality's block under cfg: max_modality_tokens, or the modality's own lower one."""
+    return min(cfg.max_modality_tokens, m.max_tokens or cfg.max_modality_tokens)
+
+
+def set_caps(encoders: dict, modalities, cfg) -> None:
+    """Cap the encoders that take a cap (``max_tokens``) for cfg, in place: for encoders not yet shared."""
+    for m in modalities:
+        if hasattr(encoders[m.name], "max_tokens"):
+            encoders[m.name].max_tokens = modality_cap(m, cfg)
+
+
+def capped_encoders(encoders: dict, modalities, cfg) -> dict:
+    """A view of the encoders capped for cfg: a shallow copy of each one that takes a cap (its weights and its
+    caches of uncapped tokens are shared), the others as they are. The given encoders are not changed."""
+    out = dict(encoders)
+    for m in modalities:
+        enc = encoders[m.name]
+        if hasattr(enc, "max_tokens") and enc.max_tokens != modality_cap(m, cfg):
+            out[m.name] = copy.copy(enc)
+            out[m.name].max_tokens = modality_cap(m, cfg)
+    return out

@@ -122,3 +122,55 @@ def test_projection_sweep_settles(result):
     sweep = alpha_projection_sweep(result.states, 3, result.config, w, counts=(4, 256), seeds=range(4))
     spread = {n: a.std(0).mean().item() for n, a in sweep.items()}
     assert spread[256] < spread[4]
+
+
+def test_batchers_for_two_probe_settings_keep_their_own_caps(world):
+    """Workspace.batcher: a batcher built for another probe setting (here a lower max_modality_tokens) leaves an
+    earlier one's encoders, probes and batches as they were, and leaves the workspace's own encoders (what
+    answering uses) at the caps it was made with; the earlier one is kept and served again."""
+    ws = Workspace.from_spec(make_spec(world), samples=SAMPLES)
+    long_cfg = ws.spec.method
+    short_cfg = long_cfg.replace(max_modality_tokens=3)
+    caps = {m: e.max_tokens for m, e in ws.encoders.items()}
+    b_long = ws.batcher(long_cfg)
+    idx = list(range(min(4, b_long.probes.n_probes)))
+    before = b_long.batch(idx)
+    b_short = ws.batcher(short_cfg)
+    assert b_short is not b_long and sum(b_short.lengths) < sum(b_long.lengths)
+    assert all(e.max_tokens == 3 for e in b_short.encoders.values())
+    assert {m: e.max_tokens for m, e in b_long.encoders.items()} == caps == {m: 128 for m in caps}
+    assert {m: e.max_tokens for m, e in ws.encoders.items()} == caps
+    after = b_long.batch(idx)
+    assert torch.equal(before.inputs_embeds, after.inputs_embeds) and torch.equal(before.spans, after.spans)
+    assert ws.batcher(long_cfg.replace(batch_size=2)) is b_long  # not a probe setting: the same batcher
+    assert ws.batcher(short_cfg) is b_short
+
+
+def test_probes_and_cost_need_no_turn_on_the_shared_model(world):
+    """Building a probe setting's batcher and its cost estimate (what the app shows before Run) goes ahead while
+    another thread holds the shared model, as an estimation does for tens of seconds in a busy room."""
+    import threading
+
+    from esm_core.pipeline import cost_of
+
+    ws = Workspace.from_spec(make_spec(world), samples=SAMPLES)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with ws.sset.exclusive("someone's estimation"):
+            held.set()
+            release.wait(120)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(60)
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(cost=cost_of(ws, ws.spec.method.replace(
+        max_modality_tokens=5))), daemon=True)
+    worker.start()
+    worker.join(60)
+    finished_while_held = not worker.is_alive() and holder.is_alive()
+    release.set()
+    holder.join(60)
+    worker.join(60)
+    assert finished_while_held and out["cost"].flops > 0

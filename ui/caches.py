@@ -125,6 +125,6 @@ def data_table(path: str, mtime: float) -> pd.DataFrame:
 
 @st.cache_resource(show_spinner=False, max_entries=32)
 def run_cost(key: str, _ws, _cfg: MethodConfig):
-    """The cost estimate of a selection (esm_core.cost), built once per run key for every session."""
-    with _ws.sset.exclusive("cost estimate"):  # building the probes re-caps shared encoders
-        return cost_of(_ws, _cfg)
+    """The cost estimate of a selection (esm_core.cost), built once per run key for every session. Building the
+    probes needs no turn on the shared model (Workspace.batcher), so it is not held behind an estimation."""
+    return cost_of(_ws, _cfg)

@@ -121,9 +121,9 @@ def workspace():
 def run_cost():
     """What running the current selection will cost (esm_core.cost): FLOPs, memory, lower-bound time.
 
-    Cached by the run key for every session: only the first asker builds the probes, which needs the
-    shared model (it re-caps shared encoders), so a session joining a busy room is not held behind
-    another session's estimation just to show this line."""
+    Cached by the run key for every session: only the first asker builds the probes. Building them needs no
+    turn on the shared model, so a session with a selection of its own sees this line (and its Run button)
+    while other sessions' estimations run."""
     cfg = method()
     return caches.run_cost(f"{run_key(cfg)}:{caches.digest(cfg.resolved())}", workspace(), cfg)
 
