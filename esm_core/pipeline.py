@@ -100,7 +100,7 @@ class Workspace:
         self.probes = probes
         self._lock = threading.RLock()  # raw samples, probes and the batchers; never held while waiting for the model
         self._batchers: dict[str, ProbeBatcher] = {}  # by probe-setting key, least recently used first
-        self._batcher_cfg: MethodConfig | None = None
+        self._probes_key: str | None = None  # the probe setting self.probes was built for
 
     @classmethod
     def from_spec(cls, spec: RunSpec, samples: dict[str, list] | None = None, sset: SpecialistSet | None = None,
@@ -127,7 +127,7 @@ class Workspace:
             self.raw_samples = samples
             self.probes = probes
             self._batchers.clear()
-            self._batcher_cfg = cfg
+            self._probes_key = probe_key(cfg)
 
     def batcher(self, cfg: MethodConfig | None = None) -> ProbeBatcher:
         """The probe batcher for cfg, built once per probe setting (the last ``BATCHERS_KEPT`` kept).
@@ -139,14 +139,13 @@ class Workspace:
         with self._lock:
             b = self._batchers.pop(key, None)
             if b is None:
-                probes = self.probes
-                if self._batcher_cfg is None or probe_key(self._batcher_cfg) != key:
-                    probes = build_probes(self.raw_samples, self.spec.modalities, cfg)
+                probes = self.probes if self._probes_key == key else build_probes(self.raw_samples,
+                                                                                    self.spec.modalities, cfg)
                 b = ProbeBatcher(self.sset, capped_encoders(self.encoders, self.spec.modalities, cfg), probes, cfg)
                 while len(self._batchers) >= self.BATCHERS_KEPT:
                     self._batchers.pop(next(iter(self._batchers)))
             self._batchers[key] = b  # most recently used last
-            self.probes, self._batcher_cfg = b.probes, cfg
+            self.probes, self._probes_key = b.probes, key
             return b
 
 

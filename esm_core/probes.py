@@ -386,8 +386,8 @@ def capped_encoders(encoders: dict, modalities, cfg) -> dict:
     caches of uncapped tokens are shared), the others as they are. The given encoders are not changed."""
     out = dict(encoders)
     for m in modalities:
-        enc = encoders[m.name]
-        if hasattr(enc, "max_tokens") and enc.max_tokens != modality_cap(m, cfg):
+        enc, cap = encoders[m.name], modality_cap(m, cfg)
+        if hasattr(enc, "max_tokens") and enc.max_tokens != cap:
             out[m.name] = copy.copy(enc)
-            out[m.name].max_tokens = modality_cap(m, cfg)
+            out[m.name].max_tokens = cap
     return out
